@@ -1,0 +1,7 @@
+"""``python -m eefast ...`` is the ``eefast`` command line."""
+
+import sys
+
+from eefast.cli import main
+
+sys.exit(main())

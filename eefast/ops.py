@@ -1,0 +1,168 @@
+"""Public functional ops of eefast, each dispatched to its fastest available implementation.
+
+``compact_exits`` runs the compiled C++/CUDA op ``torch.ops.eefast.compact_exits`` when
+``eefast._C`` has a kernel for the tensors' device, and the plain-PyTorch fallback built on
+``eefast.reference`` otherwise (warning once). Both give identical results.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from eefast import _ext, reference
+
+__all__ = ["compact_exits", "compacted_memory_format", "check_compact_exits_args"]
+
+_COMPACT_OPS = ("compact_exits", "compact_exits_padded")
+# Devices with a compiled kernel, per op; decided once so dispatch is a dict lookup
+# (cheap, and traceable by torch.compile).
+_COMPILED_DEVICES: dict[str, frozenset[str]] = {
+    op: frozenset(d for d in ("cpu", "cuda") if _ext.has_kernel(op, d)) for op in _COMPACT_OPS
+}
+
+
+def compacted_memory_format(x: Tensor) -> torch.memory_format:
+    """Layout of the compacted rows: channels_last(_3d) stays so, anything else is contiguous.
+
+    The same rule as csrc/compact_exits.h:compacted_memory_format.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def check_compact_exits_args(
+    op: str,
+    x: Tensor,
+    logits: Tensor,
+    confidence: Tensor,
+    index: Tensor,
+    exit_index: int,
+    out_logits: Tensor,
+    out_exit: Tensor,
+) -> None:
+    """Raises ValueError (shape, device, layout) or TypeError (dtype) naming expected and given.
+
+    Reads metadata only, so the fake kernel runs it too. Mirrors csrc/compact_exits.h.
+    """
+    if x.dim() < 1:
+        raise ValueError(f"{op}: expected x of shape [M, ...] (one row per running sample), got a 0-d tensor")
+    rows = x.shape[0]
+    if logits.dim() != 2 or logits.shape[0] != rows:
+        raise ValueError(f"{op}: expected logits of shape [M, K] with M = {rows} (rows of x), got {list(logits.shape)}")
+    classes = logits.shape[1]
+    if confidence.dim() != 1 or confidence.shape[0] != rows:
+        raise ValueError(f"{op}: expected confidence of shape [{rows}] (one per row of x), got {list(confidence.shape)}")
+    if index.dim() != 1 or index.shape[0] != rows:
+        raise ValueError(f"{op}: expected index of shape [{rows}] (one per row of x), got {list(index.shape)}")
+    if out_logits.dim() != 2 or out_logits.shape[1] != classes:
+        raise ValueError(
+            f"{op}: expected out_logits of shape [B, {classes}] (K = logits.size(1)), got {list(out_logits.shape)}"
+        )
+    if out_exit.dim() != 1 or out_exit.shape[0] != out_logits.shape[0]:
+        raise ValueError(
+            f"{op}: expected out_exit of shape [{out_logits.shape[0]}] (B = out_logits.size(0)), "
+            f"got {list(out_exit.shape)}"
+        )
+    if exit_index < 0:
+        raise ValueError(f"{op}: expected exit_index >= 0, got {exit_index}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{op}: expected floating-point logits, got {logits.dtype}")
+    if not confidence.is_floating_point():
+        raise TypeError(f"{op}: expected floating-point confidence (probabilities), got {confidence.dtype}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"{op}: expected int64 index, got {index.dtype}")
+    if out_logits.dtype != logits.dtype:
+        raise TypeError(f"{op}: expected out_logits of dtype {logits.dtype} (the dtype of logits), got {out_logits.dtype}")
+    if out_exit.dtype != torch.int64:
+        raise TypeError(f"{op}: expected int64 out_exit, got {out_exit.dtype}")
+    named = {"logits": logits, "confidence": confidence, "index": index, "out_logits": out_logits, "out_exit": out_exit}
+    for name, tensor in named.items():
+        if tensor.device != x.device:
+            raise ValueError(
+                f"{op}: expected every tensor on {x.device} (the device of x), got {name} on {tensor.device}"
+            )
+    if not (out_logits.is_contiguous() and out_exit.is_contiguous()):
+        raise ValueError(
+            f"{op}: expected contiguous out_logits and out_exit (they are written in place), "
+            f"got strides {list(out_logits.stride())} and {list(out_exit.stride())}"
+        )
+
+
+def _compact_exits_fallback(x, logits, confidence, index, threshold, exit_index, out_logits, out_exit, padded):
+    op = "compact_exits_padded" if padded else "compact_exits"
+    check_compact_exits_args(op, x, logits, confidence, index, exit_index, out_logits, out_exit)
+    exiting = index[confidence >= threshold]
+    if exiting.numel() and not bool(((exiting >= 0) & (exiting < out_logits.shape[0])).all()):
+        bad = exiting[(exiting < 0) | (exiting >= out_logits.shape[0])][0].item()
+        raise ValueError(
+            f"compact_exits: expected index values in [0, {out_logits.shape[0]}) (rows of out_logits), got {bad}"
+        )
+    memory_format = compacted_memory_format(x)
+    x_kept, index_kept = reference.compact_exits(
+        x, logits, confidence, index, threshold, exit_index, out_logits, out_exit
+    )
+    x_kept = x_kept.contiguous(memory_format=memory_format)
+    if not padded:
+        return x_kept, index_kept
+    survivors = x_kept.shape[0]
+    x_padded = torch.zeros_like(x, memory_format=memory_format)
+    x_padded[:survivors] = x_kept
+    index_padded = torch.full_like(index, -1)
+    index_padded[:survivors] = index_kept
+    return x_padded, index_padded, torch.tensor(survivors, dtype=torch.int64, device=index.device)
+
+
+def compact_exits(
+    x: Tensor,  # [M, ...] features of the samples still running
+    logits: Tensor,  # [M, K] this exit's class logits
+    confidence: Tensor,  # [M] this exit's confidence h (probability)
+    index: Tensor,  # [M] int64, each row's position in the original batch
+    threshold: float,
+    exit_index: int,
+    out_logits: Tensor,  # [B, K] written in place
+    out_exit: Tensor,  # [B] int64, written in place
+    *,
+    padded: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Removes the rows that exit here from the running batch (see ``eefast.reference.compact_exits``).
+
+    Rows with ``confidence >= threshold`` write their logits and ``exit_index`` into
+    ``out_logits`` / ``out_exit`` at ``index``; returns ``(x_kept [S, ...], index_kept [S])``,
+    the survivors in order, in new tensors (channels_last stays channels_last). On CUDA this
+    reads the survivor count to the host once.
+
+    With ``padded=True`` nothing is synchronised: returns ``(x_kept [M, ...], index_kept [M],
+    count [])`` where rows past ``count`` are zeros and their index is -1.
+    """
+    op = "compact_exits_padded" if padded else "compact_exits"
+    if x.device.type in _COMPILED_DEVICES[op]:
+        return getattr(torch.ops.eefast, op)(
+            x, logits, confidence, index, float(threshold), int(exit_index), out_logits, out_exit
+        )
+    _ext.warn_fallback_once(op, x.device.type)
+    return _compact_exits_fallback(
+        x, logits, confidence, index, threshold, exit_index, out_logits, out_exit, padded
+    )
+
+
+if _ext.HAS_EXT:
+
+    @torch.library.register_fake("eefast::compact_exits")
+    def _compact_exits_fake(x, logits, confidence, index, threshold, exit_index, out_logits, out_exit):
+        check_compact_exits_args("compact_exits", x, logits, confidence, index, exit_index, out_logits, out_exit)
+        survivors = torch.library.get_ctx().new_dynamic_size()  # 0 <= survivors <= M
+        shape = (survivors, *x.shape[1:])
+        x_kept = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=compacted_memory_format(x))
+        return x_kept, index.new_empty((survivors,))
+
+    @torch.library.register_fake("eefast::compact_exits_padded")
+    def _compact_exits_padded_fake(x, logits, confidence, index, threshold, exit_index, out_logits, out_exit):
+        check_compact_exits_args(
+            "compact_exits_padded", x, logits, confidence, index, exit_index, out_logits, out_exit
+        )
+        x_kept = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=compacted_memory_format(x))
+        return x_kept, index.new_empty(index.shape), index.new_empty(())

@@ -1,0 +1,1 @@
+"""Triton kernels of eefast, installed as ``eefast.kernels``. They import only torch and triton."""
