@@ -1,0 +1,105 @@
+"""The package: imports anywhere, says what it has, and the CMake build of the same ops loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import eefast
+from eefast import _ext
+from tests.conftest import require
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_build_info(extension):
+    info = eefast.build_info()
+    assert info["loaded"] is True
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    if info["cuda"]:
+        assert info["cuda_version"] and info["cuda_archs"]
+
+
+def test_import_without_extension_falls_back_and_warns_once():
+    code = """
+import warnings, torch, eefast
+assert not eefast.HAS_EXT and "EEFAST_NO_EXT" in eefast._ext.EXT_ERROR
+x, logits, h, idx = torch.randn(6, 4), torch.randn(6, 3), torch.tensor([0.9, 0.1, 0.5, 0.2, 0.7, 0.3]), torch.arange(6)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        out_logits, out_exit = torch.zeros(6, 3), torch.full((6,), -1)
+        kept, kept_idx = eefast.compact_exits(x, logits, h, idx, 0.5, 0, out_logits, out_exit)
+messages = [str(w.message) for w in caught if "fallback" in str(w.message)]
+assert len(messages) == 1, messages
+assert kept_idx.tolist() == [1, 3, 5] and out_exit.tolist() == [0, -1, 0, -1, 0, -1]
+print("ok")
+"""
+    result = run_python(code, EEFAST_NO_EXT="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_info_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "eefast", "info", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["eefast"] == eefast.__version__
+    assert report["self_check"].startswith("ok")
+    assert report["extension"]["loaded"] == _ext.HAS_EXT
+    assert set(report["compiled_kernels"]) == {"compact_exits", "compact_exits_padded"}
+
+    text = subprocess.run([sys.executable, "-m", "eefast", "info"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert text.returncode == 0, text.stderr
+    for heading in ("extension", "triton", "device", "self-check"):
+        assert heading in text.stdout
+
+
+def test_cmake_library_loads_and_matches_reference():
+    """CI builds CMakeLists.txt into build/cmake; the library registers the same ops."""
+    library = Path(os.environ.get("EEFAST_CMAKE_LIB", ROOT / "build" / "cmake" / "libeefast_ops.so"))
+    require(library.exists(), f"the CMake build is missing ({library}); see .ci/run")
+    code = f"""
+import torch
+torch.ops.load_library({str(library)!r})
+from eefast import reference, _ext
+assert not _ext.HAS_EXT  # eefast._C not loaded: the ops below come from the CMake library
+dump = torch._C._dispatch_dump("eefast::compact_exits")
+assert "CPU: registered" in dump, dump
+g = torch.Generator().manual_seed(0)
+x, logits, h = torch.randn(9, 2, 3, 3, generator=g), torch.randn(9, 5, generator=g), torch.rand(9, generator=g)
+idx = torch.randperm(12, generator=g)[:9]
+results = []
+for fn in (torch.ops.eefast.compact_exits, reference.compact_exits):
+    out_logits, out_exit = torch.zeros(12, 5), torch.full((12,), -1)
+    results.append((*fn(x, logits, h, idx, 0.5, 3, out_logits, out_exit), out_logits, out_exit))
+assert all(torch.equal(a, b) for a, b in zip(*results))
+print("CUDA" if "CUDA: registered" in dump else "CPU")
+"""
+    result = run_python(code, EEFAST_NO_EXT="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in {"CPU", "CUDA"}
+
+
+def test_readme_python_example_runs():
+    """The README's Python example runs as written."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    kept = namespace["confidence"] < 0.5
+    assert torch.equal(namespace["index"], torch.arange(8)[kept])
+    assert torch.equal(namespace["out_exit"] == 0, ~kept)
