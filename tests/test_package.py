@@ -103,3 +103,34 @@ def test_readme_python_example_runs():
     kept = namespace["confidence"] < 0.5
     assert torch.equal(namespace["index"], torch.arange(8)[kept])
     assert torch.equal(namespace["out_exit"] == 0, ~kept)
+
+
+def setup_py(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "setup.py", *args], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, **env}, timeout=300,
+    )
+
+
+def test_build_knobs_print_the_configuration():
+    no_ext = setup_py("--name", EEFAST_NO_EXT="1")
+    assert no_ext.returncode == 0 and "pure-Python install" in no_ext.stderr
+
+    cpu_only = setup_py("--name", EEFAST_NO_CUDA="1")
+    assert cpu_only.returncode == 0 and "extension: CPU only" in cpu_only.stderr
+    assert f"torch {torch.__version__}" in cpu_only.stderr
+
+    forced = setup_py("--name", EEFAST_NO_CUDA="1", EEFAST_FORCE_CUDA="1")
+    assert forced.returncode != 0
+    assert "EEFAST_FORCE_CUDA=1 but the CUDA extension cannot be built" in forced.stderr
+
+
+def test_default_cuda_archs_without_a_gpu():
+    require(torch.version.cuda is not None, "needs a CUDA build of torch")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    if "extension: CUDA + CPU" in result.stderr and not torch.cuda.is_available():
+        assert "archs 8.0;9.0+PTX" in result.stderr
