@@ -106,7 +106,7 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["eefast", "eefast.kernels"],
+    packages=["eefast", "eefast.models", "eefast.kernels"],
     package_dir={"eefast": "eefast", "eefast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -166,3 +166,76 @@ if _ext.HAS_EXT:
         )
         x_kept = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=compacted_memory_format(x))
         return x_kept, index.new_empty(index.shape), index.new_empty(())
+
+
+# ---- exit head and loss ----------------------------------------------------------------------
+# The fused Triton kernels (eefast.kernels) take over these for CUDA tensors; until then, and on
+# the CPU, they run eefast.reference after checking their arguments.
+
+
+def exit_head(
+    x: Tensor,  # [B, C, H, W]
+    kind: str,
+    cls_weight: Tensor,  # [K, F]
+    cls_bias: Tensor,  # [K]
+    conf_weight: Tensor,  # [1, F]
+    conf_bias: Tensor,  # [1]
+    bn: reference.BatchNormArgs | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Class logits ``[B, K]`` and confidence logits ``[B]`` of an exit block (see eefast.reference.exit_head)."""
+    if kind not in reference.EXIT_KINDS:
+        raise ValueError(f"exit_head: expected kind in {reference.EXIT_KINDS}, got {kind!r}")
+    if x.dim() != 4:
+        raise ValueError(f"exit_head: expected x of shape [B, C, H, W], got {list(x.shape)}")
+    features = x[0].numel() if kind == "plain" else x.shape[1]
+    if cls_weight.dim() != 2 or cls_weight.shape[1] != features:
+        raise ValueError(
+            f"exit_head: expected cls_weight of shape [K, {features}] for a {kind} exit on {list(x.shape[1:])} "
+            f"features, got {list(cls_weight.shape)}"
+        )
+    if conf_weight.shape != (1, features):
+        raise ValueError(f"exit_head: expected conf_weight of shape [1, {features}], got {list(conf_weight.shape)}")
+    return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
+
+
+def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor, lam: float, version: str) -> None:
+    """Raises ValueError / TypeError naming what eenet_loss expected and what it was given."""
+    if version not in reference.LOSS_VERSIONS:
+        raise ValueError(f"eenet_loss: expected version in {reference.LOSS_VERSIONS}, got {version!r}")
+    if not lam >= 0:
+        raise ValueError(f"eenet_loss: expected lam >= 0, got {lam}")
+    if logits.dim() != 3 or logits.shape[0] < 1:
+        raise ValueError(f"eenet_loss: expected logits of shape [E, B, K] (E >= 1 exits), got {list(logits.shape)}")
+    num_exits, batch, classes = logits.shape
+    if conf_logits.shape != (num_exits - 1, batch):
+        raise ValueError(
+            f"eenet_loss: expected conf_logits of shape [{num_exits - 1}, {batch}] (E-1 early exits, B), "
+            f"got {list(conf_logits.shape)}"
+        )
+    if target.shape != (batch,):
+        raise ValueError(f"eenet_loss: expected target of shape [{batch}], got {list(target.shape)}")
+    if costs.shape != (num_exits,):
+        raise ValueError(f"eenet_loss: expected costs of shape [{num_exits}] (one per exit), got {list(costs.shape)}")
+    if not logits.is_floating_point() or not conf_logits.is_floating_point():
+        raise TypeError(
+            f"eenet_loss: expected floating-point logits and conf_logits, got {logits.dtype} and {conf_logits.dtype}"
+        )
+    if target.dtype != torch.int64:
+        raise TypeError(f"eenet_loss: expected int64 class indices as target, got {target.dtype}")
+    if target.device.type == "cpu" and target.numel() and not bool(((target >= 0) & (target < classes)).all()):
+        raise ValueError(
+            f"eenet_loss: expected target values in [0, {classes}), got min {int(target.min())}, max {int(target.max())}"
+        )
+
+
+def eenet_loss(
+    logits: Tensor,  # [E, B, K]
+    conf_logits: Tensor,  # [E-1, B]
+    target: Tensor,  # [B]
+    costs: Tensor,  # [E]
+    lam: float = 1.0,
+    version: str = "v2",
+) -> Tensor:
+    """The EENet training loss, a scalar (see eefast.reference.eenet_loss)."""
+    check_loss_args(logits, conf_logits, target, costs, lam, version)
+    return reference.eenet_loss(logits, conf_logits, target, costs, lam, version)

@@ -1,0 +1,321 @@
+"""EENet: a backbone cut into stages, an exit block after each early stage, the loss module.
+
+Training (``model.train()``): every sample goes through every exit; ``model(x)`` returns
+``EENetOutput(logits [E, B, K], conf_logits [E-1, B])`` for ``EENetLoss``.
+
+Inference (``model.eval()``): ``model(x)`` returns ``Prediction(logits [B, K], exit [B], cost [B])``;
+each sample leaves at the first exit whose confidence reaches the threshold (Algorithm 1).
+``predict(x, mode=...)`` picks how the batch is run: ``compact`` (default: exited samples leave the
+batch, later stages compute only the rest), ``mask`` (every exit for every sample, no host
+synchronisation) or ``sample`` (one sample at a time, as the thesis's code did).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from eefast import ops, reference
+from eefast.exits import ExitBlock
+from eefast.flops import count_flops, flop_profile
+from eefast.placement import exit_costs, exit_flops, place_exits
+
+INFERENCE_MODES = ("compact", "mask", "sample")
+
+
+class EENetOutput(NamedTuple):
+    """Training output: every exit for every sample."""
+
+    logits: Tensor  # [E, B, K] class logits of exits 0..N (N = final)
+    conf_logits: Tensor  # [E-1, B] confidence logits of the early exits
+
+
+class Prediction(NamedTuple):
+    """Inference output: each sample's prediction from the exit it took."""
+
+    logits: Tensor  # [B, K]
+    exit: Tensor  # [B] int64, 0..N
+    cost: Tensor  # [B] relative cost c_exit
+
+
+class EENet(nn.Module):
+    """An early-exit network (EENet) over a backbone given as a list of blocks.
+
+    Args:
+        blocks: the backbone's blocks in order (any modules); the boundaries between them are
+            the candidate exit positions.
+        classifier: the backbone's own head on the last block's output (the final exit).
+        num_classes: K.
+        num_exits: N early exits (0 gives the plain backbone, one exit).
+        distribution: exit placement rule (``eefast.placement.DISTRIBUTIONS``).
+        exit_type: ``plain``, ``pool`` or ``bnpool``.
+        input_shape: [C, H, W] of one input; FLOPs and costs are measured on it.
+        threshold: confidence threshold T, one for all exits or one per early exit.
+        exit_positions: the blocks after which exits sit, overriding ``distribution``.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        classifier: nn.Module,
+        num_classes: int,
+        num_exits: int = 2,
+        distribution: str = "pareto",
+        exit_type: str = "pool",
+        input_shape: Sequence[int] = (3, 32, 32),
+        threshold: float | Sequence[float] = 0.5,
+        exit_positions: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("EENet: expected at least one backbone block, got none")
+        if len(input_shape) != 3:
+            raise ValueError(f"EENet: expected input_shape [C, H, W], got {list(input_shape)}")
+        self.num_classes = num_classes
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.exit_type = exit_type
+        self.distribution = distribution
+
+        profile = flop_profile(blocks, classifier, self.input_shape)
+        if exit_positions is None:
+            positions = place_exits(profile, num_exits, distribution)
+        else:
+            positions = [int(p) for p in exit_positions]
+            if len(positions) != num_exits or positions != sorted(set(positions)) or not all(
+                0 <= p < len(blocks) - 1 for p in positions
+            ):
+                raise ValueError(
+                    f"EENet: expected {num_exits} distinct increasing exit_positions in [0, {len(blocks) - 1}), "
+                    f"got {positions}"
+                )
+        self.profile = profile
+        self.exit_positions = positions
+
+        bounds = [-1, *positions, len(blocks) - 1]
+        self.stages = nn.ModuleList(nn.Sequential(*blocks[a + 1 : b + 1]) for a, b in zip(bounds, bounds[1:]))
+        exits = []
+        for p in positions:
+            channels, *spatial = profile.boundary_shapes[p]
+            exits.append(ExitBlock(channels, num_classes, exit_type, spatial=spatial if exit_type == "plain" else None))
+        self.exits = nn.ModuleList(exits)
+        self.classifier = classifier
+
+        head_flops = [count_flops(e, profile.boundary_shapes[p]) for e, p in zip(self.exits, positions)]
+        self.head_flops = head_flops
+        self.flops = exit_flops(profile, positions, head_flops)  # FLOPs paid to leave at each exit
+        self.register_buffer("costs", torch.tensor(exit_costs(profile, positions, head_flops)), persistent=False)
+        self.threshold = threshold
+        self.inference_mode = "compact"
+
+    # ---- construction from a torchvision ResNet ---------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, num_exits: int = 3, **kwargs) -> EENet:
+        """An EENet over a torchvision-style ResNet (``conv1 bn1 relu maxpool layer1..layer4 avgpool fc``).
+
+        The stem is one block and every residual block of ``layer1..layer4`` another; the EENet
+        shares the backbone's modules (and weights). ``kwargs`` go to ``EENet``; ``num_classes``
+        defaults to ``fc.out_features`` and ``input_shape`` to (3, 224, 224).
+        """
+        needed = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
+        missing = [name for name in needed if not hasattr(backbone, name)]
+        if missing:
+            raise ValueError(f"EENet.from_backbone: expected a torchvision-style ResNet with {needed}, missing {missing}")
+        stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        blocks = [stem, *backbone.layer1, *backbone.layer2, *backbone.layer3, *backbone.layer4]
+        classifier = nn.Sequential(backbone.avgpool, nn.Flatten(1), backbone.fc)
+        kwargs.setdefault("num_classes", backbone.fc.out_features)
+        kwargs.setdefault("input_shape", (3, 224, 224))
+        return cls(blocks, classifier, num_exits=num_exits, **kwargs)
+
+    # ---- thresholds -----------------------------------------------------------------------
+
+    @property
+    def num_exits(self) -> int:
+        """E: the early exits and the final one."""
+        return len(self.exits) + 1
+
+    @property
+    def threshold(self) -> list[float]:
+        """T_n of each early exit."""
+        return list(self._threshold)
+
+    @threshold.setter
+    def threshold(self, value: float | Sequence[float]) -> None:
+        early = len(self.exits)
+        values = [float(value)] * early if isinstance(value, (int, float)) else [float(v) for v in value]
+        if len(values) != early:
+            raise ValueError(f"EENet: expected one threshold or {early} (one per early exit), got {len(values)}")
+        if not all(0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"EENet: expected thresholds in [0, 1], got {values}")
+        self._threshold = values
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def check_input(self, x: Tensor) -> None:
+        """Raises ValueError / TypeError naming the expected input when ``x`` does not fit."""
+        channels, *spatial = self.input_shape
+        fixed_size = self.exit_type == "plain"
+        if (
+            x.dim() != 4
+            or x.shape[1] != channels
+            or (fixed_size and list(x.shape[2:]) != spatial)
+        ):
+            size = f"{spatial[0]}, {spatial[1]}" if fixed_size else "H, W"
+            raise ValueError(
+                f"EENet: expected input of shape [B, {channels}, {size}] (input_shape={self.input_shape}), "
+                f"got {list(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"EENet: expected a floating-point input, got {x.dtype}")
+
+    def forward(self, x: Tensor) -> EENetOutput | Prediction:
+        if self.training:
+            return self.forward_all(x)
+        return self.predict(x, mode=self.inference_mode)
+
+    def forward_all(self, x: Tensor) -> EENetOutput:
+        """Every exit for every sample (training, and the ``mask`` mode)."""
+        self.check_input(x)
+        logits, conf_logits = [], []
+        h = x
+        for stage, exit_block in zip(self.stages, self.exits):
+            h = stage(h)
+            exit_logits, exit_conf = exit_block(h)
+            logits.append(exit_logits)
+            conf_logits.append(exit_conf)
+        logits.append(self.classifier(self.stages[-1](h)))
+        dtype = logits[-1].dtype
+        conf = torch.stack(conf_logits) if conf_logits else logits[-1].new_empty((0, x.shape[0]))
+        return EENetOutput(torch.stack([t.to(dtype) for t in logits]), conf)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, mode: str = "compact") -> Prediction:
+        """Early-exit inference (Algorithm 1); the three modes give the same exits and logits."""
+        if mode not in INFERENCE_MODES:
+            raise ValueError(f"EENet.predict: expected mode in {INFERENCE_MODES}, got {mode!r}")
+        self.check_input(x)
+        if mode == "compact":
+            logits, exit_index = self._predict_compact(x)
+        elif mode == "mask":
+            logits, exit_index = self._predict_mask(x)
+        else:
+            logits, exit_index = self._predict_samples(x)
+        return Prediction(logits, exit_index, self.costs[exit_index])
+
+    def _predict_compact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[0]
+        index = torch.arange(batch, device=x.device)  # original positions of the running rows
+        out_logits = out_exit = None
+        h = x
+        for n, (stage, exit_block) in enumerate(zip(self.stages, self.exits)):
+            h = stage(h)
+            logits, conf_logits = exit_block(h)
+            if out_logits is None:
+                out_logits = logits.new_empty(batch, self.num_classes)
+                out_exit = torch.full((batch,), -1, dtype=torch.int64, device=x.device)
+            h, index = ops.compact_exits(
+                h, logits.to(out_logits.dtype), conf_logits.sigmoid(), index,
+                self._threshold[n], n, out_logits, out_exit,
+            )
+            if h.shape[0] == 0:  # everyone has left
+                return out_logits, out_exit
+        logits = self.classifier(self.stages[-1](h))
+        if out_logits is None:  # no early exits: the plain backbone
+            return logits, torch.full((batch,), 0, dtype=torch.int64, device=x.device)
+        out_logits.index_copy_(0, index, logits.to(out_logits.dtype))
+        out_exit.index_fill_(0, index, len(self.exits))
+        return out_logits, out_exit
+
+    def _predict_mask(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits, conf_logits = self.forward_all(x)
+        thresholds = torch.tensor(self._threshold, device=x.device)
+        exit_index = reference.first_confident_exit(conf_logits.sigmoid(), thresholds)
+        return logits[exit_index, torch.arange(x.shape[0], device=x.device)], exit_index
+
+    def _predict_samples(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        outputs, exits = [], []
+        for sample in x.split(1):
+            h = sample
+            for n, (stage, exit_block) in enumerate(zip(self.stages, self.exits)):
+                h = stage(h)
+                logits, conf_logits = exit_block(h)
+                if bool(conf_logits.sigmoid()[0] >= self._threshold[n]):
+                    break
+            else:
+                n, logits = len(self.exits), self.classifier(self.stages[-1](h))
+            outputs.append(logits)
+            exits.append(n)
+        dtype = outputs[-1].dtype if outputs else x.dtype
+        logits = torch.cat([o.to(dtype) for o in outputs]) if outputs else x.new_empty(0, self.num_classes)
+        return logits, torch.tensor(exits, dtype=torch.int64, device=x.device)
+
+    # ---- threshold calibration ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def thresholds_for_fractions(self, x: Tensor, fractions: Sequence[float]) -> list[float]:
+        """Per-exit thresholds under which the given fractions of ``x`` leave at exits 0..N-1.
+
+        Each threshold lies midway between two confidences of the batch, so float rounding
+        cannot flip a decision; the rest leaves at the final exit. Used to set a controlled
+        exit mix in tests and benchmarks.
+        """
+        if len(fractions) != len(self.exits) or sum(fractions) > 1 + 1e-9 or min(fractions, default=0) < 0:
+            raise ValueError(
+                f"EENet: expected {len(self.exits)} fractions >= 0 summing to at most 1, got {list(fractions)}"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            confidence = self.forward_all(x).conf_logits.sigmoid().double()  # [N, B]
+        finally:
+            self.train(was_training)
+        batch = x.shape[0]
+        remaining = torch.ones(batch, dtype=torch.bool, device=x.device)
+        thresholds = []
+        for n, fraction in enumerate(fractions):
+            h = confidence[n][remaining].nan_to_num(nan=-1.0).sort(descending=True).values
+            leave = min(round(fraction * batch), h.numel())
+            if leave == 0:
+                threshold = 1.0 if h.numel() == 0 else min(1.0, (1.0 + h[0].item()) / 2)
+            elif leave == h.numel():
+                threshold = max(0.0, h[-1].item() / 2)
+            else:
+                threshold = (h[leave - 1].item() + h[leave].item()) / 2
+            thresholds.append(threshold)
+            remaining &= ~(confidence[n] >= threshold)
+        return thresholds
+
+    def extra_repr(self) -> str:
+        costs = ", ".join(f"{c:.3f}" for c in self.costs.tolist())
+        return (
+            f"exits after blocks {self.exit_positions}, exit_type={self.exit_type!r}, costs=[{costs}], "
+            f"threshold={self._threshold}"
+        )
+
+
+class EENetLoss(nn.Module):
+    """The EENet training loss (``v1``, ``v2`` (default), ``mc``, ``cost``) with trade-off ``lam``.
+
+    ``loss(output, target, costs)`` with ``output`` from ``model.train(); model(x)`` and
+    ``costs = model.costs``.
+    """
+
+    def __init__(self, lam: float = 1.0, version: str = "v2"):
+        super().__init__()
+        if version not in reference.LOSS_VERSIONS:
+            raise ValueError(f"EENetLoss: expected version in {reference.LOSS_VERSIONS}, got {version!r}")
+        if not lam >= 0:
+            raise ValueError(f"EENetLoss: expected lam >= 0, got {lam}")
+        self.lam = lam
+        self.version = version
+
+    def forward(self, output: EENetOutput, target: Tensor, costs: Tensor) -> Tensor:
+        return ops.eenet_loss(output.logits, output.conf_logits, target, costs, self.lam, self.version)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, version={self.version!r}"

@@ -1,0 +1,65 @@
+"""ExitBlock: an early-exit block (Fig. 3.1) with a classifier and a confidence head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from eefast import ops, reference
+
+
+class ExitBlock(nn.Module):
+    """An early exit: ``plain``, ``pool`` (default) or ``bnpool``, then two independent linear heads.
+
+    ``forward(x [B, C, H, W]) -> (logits [B, K], conf_logits [B])``; softmax(logits) is the exit's
+    prediction y_n and sigmoid(conf_logits) its confidence h_n. A ``plain`` exit flattens the
+    feature map, so it needs its spatial size ``spatial=(H, W)``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, kind: str = "pool", spatial: tuple[int, ...] | None = None):
+        super().__init__()
+        if kind not in reference.EXIT_KINDS:
+            raise ValueError(f"ExitBlock: expected kind in {reference.EXIT_KINDS}, got {kind!r}")
+        if in_channels < 1 or num_classes < 1:
+            raise ValueError(
+                f"ExitBlock: expected in_channels >= 1 and num_classes >= 1, got {in_channels} and {num_classes}"
+            )
+        if kind == "plain" and not spatial:
+            raise ValueError("ExitBlock: a 'plain' exit flattens the feature map: give spatial=(H, W), got None")
+        self.kind = kind
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.spatial = tuple(spatial) if spatial else None
+        features = in_channels * math.prod(self.spatial) if kind == "plain" else in_channels
+        self.bn = nn.BatchNorm2d(in_channels) if kind == "bnpool" else None
+        self.classifier = nn.Linear(features, num_classes)  # W1: C -> K
+        self.confidence = nn.Linear(features, 1)  # w2: C -> 1
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or (self.spatial and tuple(x.shape[2:]) != self.spatial):
+            expected = f"[B, {self.in_channels}, {', '.join(map(str, self.spatial)) if self.spatial else 'H, W'}]"
+            raise ValueError(f"ExitBlock: expected input of shape {expected}, got {list(x.shape)}")
+        bn = None
+        if self.bn is not None:
+            bn = reference.BatchNormArgs(
+                self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
+                self.bn.training or self.bn.running_mean is None, self._bn_momentum(), self.bn.eps,
+            )
+        return ops.exit_head(
+            x, self.kind, self.classifier.weight, self.classifier.bias,
+            self.confidence.weight, self.confidence.bias, bn,
+        )
+
+    def _bn_momentum(self) -> float:
+        """nn.BatchNorm2d's momentum rule (momentum=None is a cumulative average)."""
+        bn = self.bn
+        if not (bn.training and bn.track_running_stats) or bn.num_batches_tracked is None:
+            return 0.0 if bn.momentum is None else bn.momentum
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+    def extra_repr(self) -> str:
+        spatial = f", spatial={self.spatial}" if self.spatial else ""
+        return f"{self.in_channels} -> {self.num_classes}, kind={self.kind!r}{spatial}"
