@@ -239,8 +239,8 @@ class EENet(nn.Module):
 
     def _predict_samples(self, x: Tensor) -> tuple[Tensor, Tensor]:
         outputs, exits = [], []
-        for sample in x.split(1):
-            h = sample
+        for i in range(x.shape[0]):
+            h = x[i : i + 1]
             for n, (stage, exit_block) in enumerate(zip(self.stages, self.exits)):
                 h = stage(h)
                 logits, conf_logits = exit_block(h)
