@@ -1,27 +1,19 @@
 """Test setup shared by every test module.
 
-TRITON_INTERPRET=1 is set here, before any kernel module is imported, so Triton kernels run on
-CPU tensors. Tests marked ``cuda`` skip without a GPU. In CI (CI set in the environment) a
+Without a GPU, TRITON_INTERPRET=1 is set here, before any kernel module is imported, so Triton
+kernels run on CPU tensors. Tests marked ``cuda`` skip without a GPU (../conftest.py). In CI (CI set in the environment) a
 missing compiled extension is a failure, not a skip.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 IN_CI = bool(os.environ.get("CI"))
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
 
 
 def require(condition: bool, reason: str) -> None:
