@@ -94,15 +94,21 @@ print("CUDA" if "CUDA: registered" in dump else "CPU")
     assert result.stdout.strip() in {"CPU", "CUDA"}
 
 
-def test_readme_python_example_runs():
-    """The README's Python example runs as written."""
+def test_readme_python_examples_run():
+    """Every Python example of the README runs as written."""
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
-    kept = namespace["confidence"] < 0.5
-    assert torch.equal(namespace["index"], torch.arange(8)[kept])
-    assert torch.equal(namespace["out_exit"] == 0, ~kept)
+    blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)
+        if "compact_exits" in block:
+            kept = namespace["confidence"] < 0.5
+            assert torch.equal(namespace["index"], torch.arange(8)[kept])
+            assert torch.equal(namespace["out_exit"] == 0, ~kept)
+        else:
+            assert torch.equal(namespace["pred"].exit, namespace["same"].exit)
+            assert namespace["model"].exit_positions == [1, 4]
 
 
 def setup_py(*args: str, **env: str) -> subprocess.CompletedProcess:
