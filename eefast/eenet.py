@@ -302,10 +302,10 @@ class EENetLoss(nn.Module):
     """The EENet training loss (``v1``, ``v2`` (default), ``mc``, ``cost``) with trade-off ``lam``.
 
     ``loss(output, target, costs)`` with ``output`` from ``model.train(); model(x)`` and
-    ``costs = model.costs``.
+    ``costs = model.costs``. ``impl`` picks the implementation (see eefast.ops.choose_impl).
     """
 
-    def __init__(self, lam: float = 1.0, version: str = "v2"):
+    def __init__(self, lam: float = 1.0, version: str = "v2", impl: str | None = None):
         super().__init__()
         if version not in reference.LOSS_VERSIONS:
             raise ValueError(f"EENetLoss: expected version in {reference.LOSS_VERSIONS}, got {version!r}")
@@ -313,9 +313,10 @@ class EENetLoss(nn.Module):
             raise ValueError(f"EENetLoss: expected lam >= 0, got {lam}")
         self.lam = lam
         self.version = version
+        self.impl = impl  # None: eefast.ops chooses (Triton on CUDA tensors)
 
     def forward(self, output: EENetOutput, target: Tensor, costs: Tensor) -> Tensor:
-        return ops.eenet_loss(output.logits, output.conf_logits, target, costs, self.lam, self.version)
+        return ops.eenet_loss(output.logits, output.conf_logits, target, costs, self.lam, self.version, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, version={self.version!r}"

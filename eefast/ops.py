@@ -3,14 +3,47 @@
 ``compact_exits`` runs the compiled C++/CUDA op ``torch.ops.eefast.compact_exits`` when
 ``eefast._C`` has a kernel for the tensors' device, and the plain-PyTorch fallback built on
 ``eefast.reference`` otherwise (warning once). Both give identical results.
+
+``eenet_loss`` runs the fused Triton kernel (``eefast.kernels``) on CUDA tensors when Triton is
+installed, and ``eefast.reference`` otherwise. ``impl="triton"`` or ``impl="reference"`` per
+call, or ``EEFAST_IMPL`` in the environment (read at import), overrides the choice; Triton on
+CPU tensors needs ``TRITON_INTERPRET=1`` set before eefast is imported.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
 
 from eefast import _ext, reference
+
+try:
+    from eefast.kernels import ee_loss as _triton_loss
+except ImportError as _error:  # Triton not installed
+    _triton_loss = None
+    TRITON_ERROR: str | None = f"{type(_error).__name__}: {_error}"
+else:
+    TRITON_ERROR = None
+
+HAS_TRITON = _triton_loss is not None
+IMPLS = ("auto", "triton", "reference")
+DEFAULT_IMPL = os.environ.get("EEFAST_IMPL", "auto").strip().lower() or "auto"
+if DEFAULT_IMPL not in IMPLS:
+    raise ValueError(f"EEFAST_IMPL: expected one of {IMPLS}, got {DEFAULT_IMPL!r}")
+
+
+def choose_impl(impl: str | None, tensor: Tensor) -> str:
+    """'triton' or 'reference' for an op on ``tensor``: Triton on CUDA tensors when installed."""
+    impl = DEFAULT_IMPL if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"expected impl in {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if tensor.is_cuda and HAS_TRITON else "reference"
+    if impl == "triton" and not HAS_TRITON:
+        raise RuntimeError(f"impl='triton' was asked for, but Triton is unavailable ({TRITON_ERROR})")
+    return impl
 
 __all__ = ["compact_exits", "compacted_memory_format", "check_compact_exits_args"]
 
@@ -222,10 +255,31 @@ def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: 
         )
     if target.dtype != torch.int64:
         raise TypeError(f"eenet_loss: expected int64 class indices as target, got {target.dtype}")
-    if target.device.type == "cpu" and target.numel() and not bool(((target >= 0) & (target < classes)).all()):
+    values_readable = target.device.type == "cpu" and not torch.compiler.is_compiling()  # no host sync, no graph break
+    if values_readable and target.numel() and not bool(((target >= 0) & (target < classes)).all()):
         raise ValueError(
             f"eenet_loss: expected target values in [0, {classes}), got min {int(target.min())}, max {int(target.max())}"
         )
+
+
+def eenet_loss_parts(
+    logits: Tensor,  # [E, B, K]
+    conf_logits: Tensor,  # [E-1, B]
+    target: Tensor,  # [B]
+    costs: Tensor,  # [E]
+    *,
+    impl: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per exit: ``(CE(y, Y_n) [E], mean_batch(C_n) [E])`` (see eefast.reference.eenet_loss_parts)."""
+    check_loss_args(logits, conf_logits, target, costs, 1.0, "v2")
+    return _loss_parts(logits, conf_logits, target, costs, impl)
+
+
+def _loss_parts(logits, conf_logits, target, costs, impl):
+    if choose_impl(impl, logits) == "triton":
+        ce, cost, _ = _triton_loss.ee_loss_parts(logits, conf_logits, target, costs)
+        return ce.mean(dim=1), cost.mean(dim=1)
+    return reference.eenet_loss_parts(logits, conf_logits, target, costs)
 
 
 def eenet_loss(
@@ -235,7 +289,10 @@ def eenet_loss(
     costs: Tensor,  # [E]
     lam: float = 1.0,
     version: str = "v2",
+    *,
+    impl: str | None = None,
 ) -> Tensor:
     """The EENet training loss, a scalar (see eefast.reference.eenet_loss)."""
     check_loss_args(logits, conf_logits, target, costs, lam, version)
-    return reference.eenet_loss(logits, conf_logits, target, costs, lam, version)
+    ce, cost = _loss_parts(logits, conf_logits, target, costs, impl)
+    return reference.combine_loss_parts(ce, cost, lam, version)

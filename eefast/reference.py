@@ -155,7 +155,11 @@ def eenet_loss(
         mc   = sum_n CE(y, Y_n)
         cost = sum_n mean(C_n)
     """
-    ce, cost = eenet_loss_parts(logits, conf_logits, target, costs)
+    return combine_loss_parts(*eenet_loss_parts(logits, conf_logits, target, costs), lam, version)
+
+
+def combine_loss_parts(ce: Tensor, cost: Tensor, lam: float, version: str) -> Tensor:
+    """A loss version from the per-exit parts ``ce [E]`` and ``cost [E]`` of eenet_loss_parts."""
     if version == "v1":
         return ce[0] + lam * cost[0]
     if version == "v2":
