@@ -15,10 +15,18 @@ class ExitBlock(nn.Module):
 
     ``forward(x [B, C, H, W]) -> (logits [B, K], conf_logits [B])``; softmax(logits) is the exit's
     prediction y_n and sigmoid(conf_logits) its confidence h_n. A ``plain`` exit flattens the
-    feature map, so it needs its spatial size ``spatial=(H, W)``.
+    feature map, so it needs its spatial size ``spatial=(H, W)``. ``impl`` picks the implementation
+    of the head (None: Triton for CUDA tensors, eefast.reference otherwise; see eefast.ops).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, kind: str = "pool", spatial: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        kind: str = "pool",
+        spatial: tuple[int, ...] | None = None,
+        impl: str | None = None,
+    ):
         super().__init__()
         if kind not in reference.EXIT_KINDS:
             raise ValueError(f"ExitBlock: expected kind in {reference.EXIT_KINDS}, got {kind!r}")
@@ -32,6 +40,7 @@ class ExitBlock(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.spatial = tuple(spatial) if spatial else None
+        self.impl = impl
         features = in_channels * math.prod(self.spatial) if kind == "plain" else in_channels
         self.bn = nn.BatchNorm2d(in_channels) if kind == "bnpool" else None
         self.classifier = nn.Linear(features, num_classes)  # W1: C -> K
@@ -49,7 +58,7 @@ class ExitBlock(nn.Module):
             )
         return ops.exit_head(
             x, self.kind, self.classifier.weight, self.classifier.bias,
-            self.confidence.weight, self.confidence.bias, bn,
+            self.confidence.weight, self.confidence.bias, bn, impl=self.impl,
         )
 
     def _bn_momentum(self) -> float:

@@ -21,8 +21,9 @@ from eefast import _ext, reference
 
 try:
     from eefast.kernels import ee_loss as _triton_loss
+    from eefast.kernels import exit_head as _triton_head
 except ImportError as _error:  # Triton not installed
-    _triton_loss = None
+    _triton_loss = _triton_head = None
     TRITON_ERROR: str | None = f"{type(_error).__name__}: {_error}"
 else:
     TRITON_ERROR = None
@@ -202,8 +203,7 @@ if _ext.HAS_EXT:
 
 
 # ---- exit head and loss ----------------------------------------------------------------------
-# The fused Triton kernels (eefast.kernels) take over these for CUDA tensors; until then, and on
-# the CPU, they run eefast.reference after checking their arguments.
+# The fused Triton kernels (eefast.kernels) serve CUDA tensors; the CPU runs eefast.reference.
 
 
 def exit_head(
@@ -214,6 +214,8 @@ def exit_head(
     conf_weight: Tensor,  # [1, F]
     conf_bias: Tensor,  # [1]
     bn: reference.BatchNormArgs | None = None,
+    *,
+    impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Class logits ``[B, K]`` and confidence logits ``[B]`` of an exit block (see eefast.reference.exit_head)."""
     if kind not in reference.EXIT_KINDS:
@@ -228,7 +230,44 @@ def exit_head(
         )
     if conf_weight.shape != (1, features):
         raise ValueError(f"exit_head: expected conf_weight of shape [1, {features}], got {list(conf_weight.shape)}")
-    return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
+    if kind == "bnpool" and bn is None:
+        raise ValueError("exit_head: kind 'bnpool' needs bn=BatchNormArgs(...), got None")
+    if choose_impl(impl, x) == "reference":
+        return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
+
+    scale = shift = None
+    if kind == "bnpool":
+        scale, shift = _batch_norm_affine(x, bn)
+    elif kind == "plain":
+        x = x.contiguous().view(x.shape[0], -1, 1, 1)  # flatten in (C, H, W) order: C*H*W channels of one pixel
+    weight = torch.cat([cls_weight, conf_weight])  # [K+1, F]: both heads in one matrix
+    bias = torch.cat([cls_bias, conf_bias])
+    out, _ = _triton_head.exit_head_fused(x, weight, bias, scale, shift, kind == "bnpool")
+    return out[:, :-1], out[:, -1]
+
+
+def _batch_norm_affine(x: Tensor, bn: reference.BatchNormArgs) -> tuple[Tensor, Tensor]:
+    """Batch norm as a per-channel (scale, shift): from the batch statistics when training (then the
+    running statistics are updated as nn.BatchNorm2d does, and autograd sees the statistics' path
+    to x), else from the running statistics."""
+    if bn.training or bn.running_mean is None:
+        var, mean = torch.var_mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
+                                   dim=(0, 2, 3), unbiased=False)
+        if bn.training and bn.running_mean is not None:
+            count = x.numel() // x.shape[1]
+            with torch.no_grad():
+                bn.running_mean.mul_(1 - bn.momentum).add_(mean.detach(), alpha=bn.momentum)
+                unbiased = var.detach() * (count / max(count - 1, 1))
+                bn.running_var.mul_(1 - bn.momentum).add_(unbiased, alpha=bn.momentum)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
 
 
 def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor, lam: float, version: str) -> None:
