@@ -250,23 +250,23 @@ def _batch_norm_affine(x: Tensor, bn: reference.BatchNormArgs) -> tuple[Tensor, 
     """Batch norm as a per-channel (scale, shift): from the batch statistics when training (then the
     running statistics are updated as nn.BatchNorm2d does, and autograd sees the statistics' path
     to x), else from the running statistics."""
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # as batch norm's opmath
     if bn.training or bn.running_mean is None:
-        var, mean = torch.var_mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
-                                   dim=(0, 2, 3), unbiased=False)
+        var, mean = torch.var_mean(x.to(compute), dim=(0, 2, 3), unbiased=False)
         if bn.training and bn.running_mean is not None:
             count = x.numel() // x.shape[1]
             with torch.no_grad():
-                bn.running_mean.mul_(1 - bn.momentum).add_(mean.detach(), alpha=bn.momentum)
+                bn.running_mean.mul_(1 - bn.momentum).add_(mean.detach().to(bn.running_mean.dtype), alpha=bn.momentum)
                 unbiased = var.detach() * (count / max(count - 1, 1))
-                bn.running_var.mul_(1 - bn.momentum).add_(unbiased, alpha=bn.momentum)
+                bn.running_var.mul_(1 - bn.momentum).add_(unbiased.to(bn.running_var.dtype), alpha=bn.momentum)
     else:
-        mean, var = bn.running_mean, bn.running_var
+        mean, var = bn.running_mean.to(compute), bn.running_var.to(compute)
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight
+        scale = scale * bn.weight.to(compute)
     shift = -mean * scale
     if bn.bias is not None:
-        shift = shift + bn.bias
+        shift = shift + bn.bias.to(compute)
     return scale, shift
 
 

@@ -168,7 +168,7 @@ def _ee_loss_backward_kernel(
             grad_log_y = adj_log_mix * early
             cost_next = _row(mix_cost, exits, n + 1)
             grad_conf = adj_log_mix * (early - h) + adj_cost * (tl.load(costs_ptr + n).to(COMPUTE) - cost_next) * h * (1.0 - h)
-            tl.store(grad_conf_ptr + n * B + rows, grad_conf.to(grad_conf_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=row_mask)
+            tl.store(grad_conf_ptr + n * B + rows, grad_conf.to(grad_conf_ptr.dtype.element_ty), mask=row_mask)
             adj_log_mix = -tl.load(grad_ce_ptr + (n + 1) * B + rows, mask=row_mask, other=0.0).to(COMPUTE) + adj_log_mix * later
             adj_cost = tl.load(grad_cost_ptr + (n + 1) * B + rows, mask=row_mask, other=0.0).to(COMPUTE) + adj_cost * (1.0 - h)
         else:
@@ -181,7 +181,7 @@ def _ee_loss_backward_kernel(
             softmax = tl.exp(x.to(COMPUTE) - lse[:, None])
             grad = grad_log_y[:, None] * (tl.where(cols[None, :] == target[:, None], 1.0, 0.0) - softmax)
             out = grad_logits_ptr + n * B * K + rows[:, None] * K + cols[None, :]
-            tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers -------------------------------------------------------------------------------

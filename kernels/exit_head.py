@@ -78,7 +78,7 @@ def _exit_head_forward_kernel(
             w = tl.load(weight_ptr + rows[:, None] * C + channels[None, :], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
             acc += tl.sum(w.to(COMPUTE) * pooled[None, :], axis=1)
         acc += tl.load(bias_ptr + rows, mask=k_mask, other=0.0).to(COMPUTE)
-        tl.store(out_ptr + b * K1 + rows, acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=k_mask)
+        tl.store(out_ptr + b * K1 + rows, acc.to(out_ptr.dtype.element_ty), mask=k_mask)
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def _exit_head_backward_kernel(
                 grad_x = g * scale[:, None]
                 sum_gx += tl.sum(g * x, axis=1)
                 sum_g += tl.sum(g, axis=1)
-            tl.store(grad_x_row + offsets, grad_x.to(grad_x_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(grad_x_row + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
         if HAS_AFFINE:
             tl.store(grad_scale_ptr + b * C + channels, sum_gx, mask=c_mask)
             tl.store(grad_shift_ptr + b * C + channels, sum_g, mask=c_mask)

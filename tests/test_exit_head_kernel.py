@@ -1,0 +1,212 @@
+"""The fused Triton exit head (eefast.kernels.exit_head) against eefast.reference.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eefast
+from eefast import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason=f"Triton unavailable: {ops.TRITON_ERROR}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# label: (B, C, H, W, K)
+SHAPES = {
+    "minimal": (1, 1, 1, 1, 1),
+    "non-pow2": (3, 37, 5, 7, 10),
+    "b1": (1, 16, 8, 8, 10),
+    "k1000": (2, 64, 4, 4, 1000),
+    "hw-chunks": (2, 3, 17, 17, 4),  # more pixels than one BLOCK_HW
+    "c-chunks": (2, 300, 2, 3, 5),  # more channels than one BLOCK_C
+}
+KINDS = ["pool", "bnpool", "plain"]
+# (rtol, atol) of the kernel against the reference computed in the same dtype
+TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5)}
+
+
+def make(shape, kind, dtype, layout="nchw", training=False, seed=0):
+    batch, channels, height, width, classes = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
+
+    x = randn(batch, channels, height, width)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    features = channels * height * width if kind == "plain" else channels
+    params = dict(
+        x=x,
+        cls_weight=randn(classes, features, scale=features**-0.5),
+        cls_bias=randn(classes),
+        conf_weight=randn(1, features, scale=features**-0.5),
+        conf_bias=randn(1),
+    )
+    for tensor in params.values():
+        tensor.requires_grad_()
+    bn = None
+    if kind == "bnpool":
+        weight = (randn(channels, scale=0.2) + 1).requires_grad_()
+        bias = randn(channels, scale=0.2).requires_grad_()
+        stats_dtype = dtype  # as in a model moved to dtype (CPU batch norm wants one dtype)
+        running_mean = torch.randn(channels, generator=g, dtype=torch.float64).to(DEVICE, stats_dtype)
+        running_var = torch.rand(channels, generator=g, dtype=torch.float64).to(DEVICE, stats_dtype) + 0.5
+        bn = reference.BatchNormArgs(weight, bias, running_mean, running_var, training, 0.1, 1e-5)
+    return params, bn
+
+
+def clone_bn(bn):
+    return None if bn is None else bn._replace(running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone())
+
+
+def run(impl, params, bn, kind):
+    """Outputs, and gradients of a fixed function of them, for every input that takes one."""
+    logits, conf = ops.exit_head(params["x"], kind, params["cls_weight"], params["cls_bias"],
+                                 params["conf_weight"], params["conf_bias"], bn, impl=impl)
+    inputs = list(params.values()) + ([bn.weight, bn.bias] if bn is not None else [])
+    g = torch.Generator().manual_seed(7)
+    upstream_logits = torch.randn(logits.shape, generator=g).to(DEVICE, logits.dtype)
+    upstream_conf = torch.randn(conf.shape, generator=g).to(DEVICE, conf.dtype)
+    grads = torch.autograd.grad((logits, conf), inputs, (upstream_logits, upstream_conf))
+    return [logits, conf], list(grads)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_reference(shape, dtype, kind, training):
+    if training and kind != "bnpool":
+        pytest.skip("only bnpool differs between training and eval")
+    if training and shape[0] * shape[2] * shape[3] == 1:
+        pytest.skip("batch statistics need more than one value per channel")
+    rtol, atol = TOLERANCES[dtype]
+    params, bn = make(shape, kind, dtype, training=training)
+    bn_reference = clone_bn(bn)
+    outputs, grads = run("triton", params, bn, kind)
+    ref_outputs, ref_grads = run("reference", params, bn_reference, kind)
+    for got, want in zip(outputs + grads, ref_outputs + ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    if bn is not None:  # running statistics updated as nn.BatchNorm2d does
+        torch.testing.assert_close(bn.running_mean, bn_reference.running_mean)
+        torch.testing.assert_close(bn.running_var, bn_reference.running_var)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_channels_last(kind, training):
+    params, bn = make(SHAPES["non-pow2"], kind, torch.float32, layout="channels_last", training=training)
+    outputs, grads = run("triton", params, bn, kind)
+    ref_outputs, ref_grads = run("reference", params, clone_bn(bn), kind)
+    for got, want in zip(outputs + grads, ref_outputs + ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if kind != "plain":  # the input's gradient keeps the input's layout
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "bnpool-train"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_error_at_most_twice_the_reference(dtype, kind):
+    """Against a float64 reference on the same (rounded) inputs, the kernel's error is at most
+    twice that of the reference run in the same dtype."""
+    kind, training = kind.removesuffix("-train"), kind.endswith("-train")
+    params, bn = make(SHAPES["non-pow2"], kind, dtype, training=training)
+    exact_params = {k: v.detach().double().requires_grad_() for k, v in params.items()}
+    exact_bn = None if bn is None else bn._replace(
+        weight=bn.weight.detach().double().requires_grad_(), bias=bn.bias.detach().double().requires_grad_(),
+        running_mean=bn.running_mean.double(), running_var=bn.running_var.double(),
+    )
+    exact = run("reference", exact_params, exact_bn, kind)
+    kernel = run("triton", params, clone_bn(bn), kind)
+    same_dtype = run("reference", params, clone_bn(bn), kind)
+    for got, ref, want in zip(kernel[0] + kernel[1], same_dtype[0] + same_dtype[1], exact[0] + exact[1]):
+        assert got.dtype == ref.dtype
+        kernel_error = (got.double() - want).abs().max().item()
+        reference_error = (ref.double() - want).abs().max().item()
+        assert kernel_error <= 2 * reference_error + 1e-6, (kernel_error, reference_error)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["pool", "affine-relu"])
+def test_gradcheck_float64(affine):
+    from eefast.kernels.exit_head import exit_head_fused
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    scale = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    shift = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_() if affine else None
+
+    def head(*inputs):
+        return exit_head_fused(*inputs, affine)
+
+    inputs = (x, weight, bias, scale, shift)
+    assert torch.autograd.gradcheck(head, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["pool", "affine-relu"])
+def test_opcheck(affine):
+    params, bn = make(SHAPES["non-pow2"], "bnpool", torch.float32)
+    weight = torch.cat([params["cls_weight"], params["conf_weight"]]).detach().requires_grad_()
+    bias = torch.cat([params["cls_bias"], params["conf_bias"]]).detach().requires_grad_()
+    scale = (torch.rand(37, device=DEVICE) + 0.5).requires_grad_() if affine else None
+    shift = torch.randn(37, device=DEVICE).requires_grad_() if affine else None
+    x = params["x"].detach().requires_grad_()
+    torch.library.opcheck(torch.ops.eefast.exit_head_fused, (x, weight, bias, scale, shift, affine))
+    grad_pooled = torch.randn(3, 37, device=DEVICE)
+    scale, shift = (None, None) if not affine else (scale.detach(), shift.detach())  # no double backward
+    torch.library.opcheck(torch.ops.eefast.exit_head_fused_backward, (grad_pooled, x.detach(), scale, shift, affine))
+
+
+def fused_eenet8(seed=0, exit_type="pool"):
+    torch.manual_seed(seed)
+    model = eefast.create_model("eenet8", filters=4, exit_type=exit_type).to(DEVICE)
+    for exit_block in model.exits:
+        exit_block.impl = "triton"
+    return model
+
+
+@pytest.mark.parametrize("exit_type", ["pool", "bnpool"])
+def test_training_eenet8_gives_the_reference_losses(exit_type):
+    """A few Adam steps with the fused head and loss and with the reference, from the same start."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 1, 28, 28, generator=g).to(DEVICE), torch.randint(0, 10, (8,), generator=g).to(DEVICE))
+               for _ in range(4)]
+    losses = {}
+    for impl in ("triton", "reference"):
+        model = fused_eenet8(exit_type=exit_type).train()
+        for exit_block in model.exits:
+            exit_block.impl = impl
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        criterion = eefast.EENetLoss(impl=impl)
+        losses[impl] = []
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss = criterion(model(x), y, model.costs)
+            loss.backward()
+            optimizer.step()
+            losses[impl].append(loss.item())
+    assert losses["triton"] == pytest.approx(losses["reference"], rel=1e-5, abs=1e-6)
+
+
+def test_model_with_fused_ops_compiles_fullgraph():
+    model = fused_eenet8(exit_type="bnpool").train()
+    criterion = eefast.EENetLoss(impl="triton")
+    x, y = torch.randn(4, 1, 28, 28, device=DEVICE), torch.randint(0, 10, (4,), device=DEVICE)
+
+    def loss_of(x, y):
+        return criterion(model.forward_all(x), y, model.costs)
+
+    model.eval()  # compare in eval mode (no running-statistics updates between the two calls)
+    want = loss_of(x, y)
+    compiled = torch.compile(loss_of, fullgraph=True)
+    torch.testing.assert_close(compiled(x, y), want)
+    model.train()
+    loss = compiled(x, y)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
