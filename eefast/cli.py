@@ -25,8 +25,10 @@ def triton_status() -> dict:
     elif torch.cuda.is_available():
         mode = "GPU"
     else:
-        mode = "unusable here: no GPU (set TRITON_INTERPRET=1 to run kernels on the CPU)"
-    return {"installed": True, "version": triton.__version__, "mode": mode}
+        mode = "no GPU here (TRITON_INTERPRET=1 runs the kernels on the CPU)"
+    kernels = "exit_head, ee_loss" if ops.HAS_TRITON else f"unavailable ({ops.TRITON_ERROR})"
+    return {"installed": True, "version": triton.__version__, "mode": mode, "kernels": kernels,
+            "default_impl": ops.DEFAULT_IMPL}
 
 
 def device_status() -> dict:
@@ -84,6 +86,8 @@ def info(args: argparse.Namespace) -> int:
         f"extension   {extension}",
         *(f"  {op:<20} kernels: {', '.join(devs) or 'none (fallback)'}" for op, devs in kernels.items()),
         f"triton      {triton.get('version', '-')}: {triton['mode']}",
+        *([f"  fused kernels        {triton['kernels']} (impl {triton['default_impl']}: Triton on CUDA tensors)"]
+          if triton["installed"] else []),
         f"device      {device['type']}: {', '.join(device['names'])}",
         f"self-check  compact_exits on {device['type']}: {report['self_check']}",
     ]

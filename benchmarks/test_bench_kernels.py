@@ -1,0 +1,98 @@
+"""The fused Triton kernels against eager PyTorch (GPU only; skipped elsewhere).
+
+    pytest benchmarks/test_bench_kernels.py --benchmark-only --benchmark-json benchmarks/results/<gpu>-kernels.json
+
+Each case runs forward, backward, or both; extra_info records the median, p20 and p80 (ms) and
+the peak memory of one step beyond its inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.conftest import synchronize
+from eefast import ops, reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not ops.HAS_TRITON, reason="Triton unavailable"),
+]
+PASSES = ["forward", "backward", "both"]
+
+
+def timed_step(benchmark, step, inputs, passes):
+    """Benchmarks ``passes`` of ``step(*inputs) -> scalar`` and records quantiles and peak memory."""
+    grads_of = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    if passes == "forward":
+        def run():
+            with torch.no_grad():
+                step(*inputs)
+            synchronize("cuda")
+    elif passes == "backward":
+        def run():
+            loss = benchmark_state["loss"]
+            torch.autograd.grad(loss, grads_of, retain_graph=True)
+            synchronize("cuda")
+        benchmark_state = {"loss": step(*inputs)}
+    else:
+        def run():
+            torch.autograd.grad(step(*inputs), grads_of)
+            synchronize("cuda")
+
+    run()  # compile / warm up
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    peak = torch.cuda.max_memory_allocated() - base
+    benchmark(run)
+    data = sorted(benchmark.stats.stats.data)
+    quantile = lambda q: data[min(len(data) - 1, int(q * len(data)))] * 1e3  # noqa: E731
+    benchmark.extra_info.update(median_ms=quantile(0.5), p20_ms=quantile(0.2), p80_ms=quantile(0.8), peak_bytes=peak)
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["pool", "bnpool"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_exit_head(benchmark, record, dtype, kind, impl, passes):
+    batch, channels, size, classes = 256, 64, 8, 10
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=g).cuda().to(dtype).requires_grad_()
+    params = [torch.randn(*shape, generator=g).cuda().to(dtype).requires_grad_()
+              for shape in [(classes, channels), (classes,), (1, channels), (1,)]]
+    bn = None
+    if kind == "bnpool":
+        bn = reference.BatchNormArgs(torch.ones(channels, device="cuda", dtype=dtype, requires_grad=True),
+                                     torch.zeros(channels, device="cuda", dtype=dtype, requires_grad=True),
+                                     torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda"),
+                                     training=True)
+
+    def step(x, *params):
+        logits, conf = ops.exit_head(x, kind, *params, bn, impl=impl)
+        return logits.float().square().mean() + conf.float().mean()
+
+    benchmark.group = f"exit_head {kind} {str(dtype).removeprefix('torch.')} {passes}"
+    record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl, passes=passes)
+    timed_step(benchmark, step, [x, *params], passes)
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("classes", [10, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ee_loss(benchmark, record, dtype, classes, impl, passes):
+    exits, batch = 4, 256
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(exits, batch, classes, generator=g).cuda().to(dtype).requires_grad_()
+    conf = torch.randn(exits - 1, batch, generator=g).cuda().to(dtype).requires_grad_()
+    target = torch.randint(0, classes, (batch,), generator=g).cuda()
+    costs = torch.tensor([0.1, 0.3, 0.6, 1.01], device="cuda")
+
+    def step(logits, conf):
+        return ops.eenet_loss(logits, conf, target, costs, 1.0, "v2", impl=impl)
+
+    benchmark.group = f"ee_loss K={classes} {str(dtype).removeprefix('torch.')} {passes}"
+    record("cuda", dtype, exits=exits, batch=batch, classes=classes, impl=impl, passes=passes)
+    timed_step(benchmark, step, [logits, conf], passes)
