@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
 from eefast import _ext, ops, reference
 from eefast._version import __version__
+from eefast.checkpoint import load_checkpoint, model_from_checkpoint
+from eefast.data import DATASETS, load_dataset
+from eefast.evaluate import THRESHOLD_GRID, evaluate, exit_outputs, threshold_sweep, thresholds_for_budget
+from eefast.models import create_model
+from eefast.placement import DISTRIBUTIONS
+from eefast.train import TrainConfig, resolve_device, train
 
 
 def triton_status() -> dict:
@@ -95,13 +103,198 @@ def info(args: argparse.Namespace) -> int:
     return 0 if report["self_check"].startswith("ok") else 1
 
 
+def _add_model_args(parser: argparse.ArgumentParser, model_default: str | None = "eenet8") -> None:
+    parser.add_argument("--model", default=model_default, required=model_default is None,
+                        help="registered model name (see eefast.list_models())")
+    parser.add_argument("--exits", type=int, help="number of early exits (default: the model's)")
+    parser.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), help="exit placement")
+    parser.add_argument("--exit-type", choices=list(reference.EXIT_KINDS), help="exit block type")
+    parser.add_argument("--filters", type=int, help="starting filters of eenet8 / resnet8")
+
+
+def _train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in vars(args).items() if k.replace("-", "_") in fields}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    parser.add_argument("--dataset", default="mnist-sample", choices=list(DATASETS))
+    parser.add_argument("--data-root", default="data", help="where torchvision / folder datasets live")
+    parser.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
+    parser.add_argument("--loss", default="v2", choices=list(reference.LOSS_VERSIONS))
+    parser.add_argument("--lam", type=float, default=1.0, help="accuracy/cost trade-off lambda")
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--patience", type=int, default=20, help="early stopping: epochs without improvement")
+    parser.add_argument("--min-delta", type=float, default=0.001, help="early stopping: least improvement")
+    parser.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for the reports")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    train(_train_config(args))
+    return 0
+
+
+def _parse_thresholds(values: list[float] | None) -> float | list[float] | None:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    payload = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(payload)
+    config = payload.get("config", {})
+    device = resolve_device(args.device)
+    model.to(device)
+    splits = load_dataset(args.dataset or config.get("dataset", "mnist-sample"),
+                          args.data_root or config.get("data_root", "data"), seed=config.get("seed", 0),
+                          val_fraction=config.get("val_fraction", 0.1), augment=False)
+    if args.budget is not None:
+        outputs = exit_outputs(model, splits.val, device)
+        model.threshold = thresholds_for_budget(outputs, model.costs, args.budget)
+    elif args.threshold:
+        model.threshold = _parse_thresholds(args.threshold)
+    result = evaluate(model, splits.test, device, batch_size=args.batch_size, mode=args.mode)
+    report = {"checkpoint": str(args.checkpoint), "model": payload["model_name"], "budget": args.budget,
+              **result.to_dict()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{payload['model_name']} from {args.checkpoint} on the {splits.name} test split "
+              f"({result.samples} samples), thresholds {[round(t, 4) for t in result.thresholds]}")
+        print(result.summary())
+    return 0
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    kwargs = {k: v for k, v in (("num_exits", args.exits), ("distribution", args.distribution),
+                                ("exit_type", args.exit_type), ("filters", args.filters),
+                                ("num_classes", args.num_classes)) if v is not None}
+    if args.input_shape:
+        kwargs["input_shape"] = tuple(args.input_shape)
+    model = create_model(args.model, **kwargs)
+    total = model.profile.total
+    rows = []
+    for n in range(model.num_exits):
+        head = model.head_flops[n] if n < len(model.exits) else model.profile.classifier_flops
+        where = f"after block {model.exit_positions[n]}" if n < len(model.exits) else "final"
+        rows.append({"exit": n, "position": where, "flops": model.flops[n], "relative_cost": model.costs[n].item(),
+                     "head_flops": head, "head_cost_percent": 100.0 * head / total})
+    params = sum(p.numel() for p in model.parameters())
+    exit_params = sum(p.numel() for p in model.exits.parameters())
+    report = {"model": args.model, "input_shape": list(model.input_shape), "backbone_flops": total,
+              "parameters": params, "exit_parameters": exit_params, "exits": rows}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model}: input {list(model.input_shape)}, backbone {total:,} FLOPs, {params:,} parameters "
+          f"({exit_params:,} in early-exit blocks)")
+    print(f"{'exit':>4}  {'position':<15} {'FLOPs':>15} {'rel. cost':>9} {'head FLOPs':>11} {'head %':>7}")
+    for r in rows:
+        print(f"{r['exit']:>4}  {r['position']:<15} {r['flops']:>15,} {r['relative_cost']:>9.4f} "
+              f"{r['head_flops']:>11,} {r['head_cost_percent']:>6.2f}%")
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from eefast import plots
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.kind == "lam":
+        points = []
+        for lam in args.lams:
+            summary = train(_train_config(args, lam=lam, out=str(out / f"lam_{lam:g}")))
+            points.append({"lam": lam, **{k: summary["test"][k] for k in ("accuracy", "relative_cost", "exit_counts")}})
+        baseline = None
+        if args.baseline:
+            summary = train(_train_config(args, model=args.baseline, exits=None, distribution=None, exit_type=None,
+                                          out=str(out / "baseline")))
+            baseline = {"model": args.baseline, **{k: summary["test"][k] for k in ("accuracy", "relative_cost")}}
+        label = "lam"
+    else:
+        payload = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(payload)
+        config = payload.get("config", {})
+        splits = load_dataset(config.get("dataset", "mnist-sample"), config.get("data_root", "data"),
+                              seed=config.get("seed", 0), val_fraction=config.get("val_fraction", 0.1), augment=False)
+        outputs = exit_outputs(model, splits.test)
+        points = threshold_sweep(outputs, model.costs, args.thresholds)
+        final_accuracy = 100.0 * outputs.correct[-1].double().mean().item()
+        baseline = {"model": "final exit only", "accuracy": final_accuracy, "relative_cost": 1.0}
+        label = "threshold"
+    (out / f"sweep_{label}.json").write_text(json.dumps({"points": points, "baseline": baseline}, indent=2))
+    with open(out / f"sweep_{label}.csv", "w") as file:
+        file.write(f"{label},accuracy,relative_cost\n")
+        for p in points:
+            file.write(f"{p[label]},{p['accuracy']:.4f},{p['relative_cost']:.4f}\n")
+    plots.plot_tradeoff(points, out / f"sweep_{label}.png", label, baseline)
+    print(f"{label:>9}  {'accuracy':>8}  {'rel. cost':>9}")
+    for p in points:
+        print(f"{p[label]:>9g}  {p['accuracy']:>8.2f}  {p['relative_cost']:>9.3f}")
+    if baseline:
+        print(f"baseline ({baseline['model']}): accuracy {baseline['accuracy']:.2f}, cost {baseline['relative_cost']:.3f}")
+    print(f"wrote {out}/sweep_{label}.{{json,csv,png}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eefast", description="Early-exit CNNs (EENets) for PyTorch, made fast.")
     parser.add_argument("--version", action="version", version=f"eefast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     info_parser = commands.add_parser("info", help="what is available: extension (CPU/CUDA), Triton, device")
     info_parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info_parser.set_defaults(run=info)
+
+    train_parser = commands.add_parser("train", help="train an EENet (or a plain baseline) and report on the test split")
+    _add_train_args(train_parser)
+    train_parser.add_argument("--out", default="runs/eefast", help="run directory (history, checkpoints, plots)")
+    train_parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train_parser.set_defaults(run=train_command)
+
+    eval_parser = commands.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
+    eval_parser.add_argument("--checkpoint", required=True)
+    eval_parser.add_argument("--dataset", help="default: the checkpoint's")
+    eval_parser.add_argument("--data-root", help="default: the checkpoint's")
+    eval_parser.add_argument("--threshold", type=float, nargs="+", help="one threshold, or one per early exit")
+    eval_parser.add_argument("--budget", type=float, help="pick thresholds on the validation split for this relative cost")
+    eval_parser.add_argument("--mode", default="compact", choices=["compact", "mask", "sample"])
+    eval_parser.add_argument("--batch-size", type=int, default=256)
+    eval_parser.add_argument("--device", default="auto")
+    eval_parser.add_argument("--json", action="store_true")
+    eval_parser.set_defaults(run=eval_command)
+
+    profile_parser = commands.add_parser("profile", help="per-exit FLOPs, costs and parameters of a model")
+    _add_model_args(profile_parser, model_default=None)
+    profile_parser.add_argument("--num-classes", type=int)
+    profile_parser.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"))
+    profile_parser.add_argument("--json", action="store_true")
+    profile_parser.set_defaults(run=profile_command)
+
+    sweep_parser = commands.add_parser("sweep", help="accuracy vs cost: a lambda sweep or a threshold sweep")
+    sweep_kinds = sweep_parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    lam_parser = sweep_kinds.add_parser("lam", help="train one model per lambda (Table 4.2)")
+    _add_train_args(lam_parser)
+    lam_parser.add_argument("--lams", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
+    lam_parser.add_argument("--baseline", help="also train this plain model for the plot, e.g. resnet8")
+    lam_parser.add_argument("--out", default="runs/sweep")
+    threshold_parser = sweep_kinds.add_parser("threshold", help="one trained model under a range of thresholds")
+    threshold_parser.add_argument("--checkpoint", required=True)
+    threshold_parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLD_GRID)
+    threshold_parser.add_argument("--out", default="runs/sweep")
+    sweep_parser.set_defaults(run=sweep_command)
     return parser
 
 

@@ -318,5 +318,12 @@ class EENetLoss(nn.Module):
     def forward(self, output: EENetOutput, target: Tensor, costs: Tensor) -> Tensor:
         return ops.eenet_loss(output.logits, output.conf_logits, target, costs, self.lam, self.version, impl=self.impl)
 
+    @torch.no_grad()
+    def parts(self, output: EENetOutput, target: Tensor, costs: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss's accuracy and cost terms (before lam): CE and mean C of exit 0 for v1, their
+        sums over the exits otherwise."""
+        ce, cost = ops.eenet_loss_parts(output.logits, output.conf_logits, target, costs, impl=self.impl)
+        return (ce[0], cost[0]) if self.version == "v1" else (ce.sum(), cost.sum())
+
     def extra_repr(self) -> str:
         return f"lam={self.lam}, version={self.version!r}"
