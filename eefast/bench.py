@@ -1,0 +1,121 @@
+"""End-to-end inference measurements: does early exit turn saved FLOPs into saved time?
+
+For a model, a batch and a controlled exit mix, ``measure_inference`` times the plain network
+(the same blocks without exits), the EENet in ``compact``, ``mask`` and ``sample`` modes, and
+the pieces of the plain network, and derives:
+
+- FLOP ideal speed-up: plain FLOPs over the mean FLOPs per sample (measured exit histogram,
+  exact exit costs);
+- time ideal: each segment between exits timed in the plain network on the full batch, times
+  the fraction of samples that reach it, plus the exit heads timed the same way; its speed-up
+  is plain time over that;
+- realised speed-up (plain time over the mode's time) and efficiency (realised over the time
+  ideal: 1.0 means the early-exit machinery costs nothing).
+
+``python -m eefast.bench RESULTS.json ...`` prints these as a table from pytest-benchmark JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from eefast.eenet import EENet
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def plain_forward(model: EENet, x: torch.Tensor) -> torch.Tensor:
+    """The backbone without exits: every stage, then the final classifier."""
+    for stage in model.stages:
+        x = stage(x)
+    return model.classifier(x)
+
+
+@torch.no_grad()
+def segment_times(model: EENet, x: torch.Tensor, repeats: int = 5) -> tuple[list[float], list[float]]:
+    """Time of each stage (the last one with the classifier) and of each exit head, on the full batch."""
+    device = x.device
+    stage_times, head_times = [], []
+    h = x
+    for n, stage in enumerate(model.stages):
+        last = n == len(model.stages) - 1
+        run = (lambda s=stage, i=h: model.classifier(s(i))) if last else (lambda s=stage, i=h: s(i))
+        stage_times.append(median_time(run, device, repeats))
+        if not last:
+            h = stage(h)
+            head_times.append(median_time(lambda e=model.exits[n], i=h: e(i), device, repeats))
+    return stage_times, head_times
+
+
+def ideal_time(stage_times: Sequence[float], head_times: Sequence[float], exit_counts: Sequence[int]) -> float:
+    """The EENet's time with zero overhead: each segment (and exit head) scaled by the share of
+    the batch that reaches it."""
+    total = sum(exit_counts)
+    reaching = [sum(exit_counts[n:]) / total for n in range(len(exit_counts))]
+    return sum(t * r for t, r in zip(stage_times, reaching)) + sum(t * r for t, r in zip(head_times, reaching))
+
+
+def speedups(model: EENet, exit_counts: Sequence[int], plain_time: float, mode_time: float,
+             stage_times: Sequence[float], head_times: Sequence[float]) -> dict:
+    total = sum(exit_counts)
+    mean_flops = sum(c * f for c, f in zip(exit_counts, model.flops)) / total
+    ideal = ideal_time(stage_times, head_times, exit_counts)
+    return {
+        "flop_ideal_speedup": model.profile.total / mean_flops,
+        "time_ideal_speedup": plain_time / ideal,
+        "realised_speedup": plain_time / mode_time,
+        "efficiency": ideal / mode_time,
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def report(paths: Sequence[str]) -> str:
+    """A table of the end-to-end inference results in pytest-benchmark JSON files."""
+    lines = [f"{'device':<28} {'model':<9} {'dtype':<8} {'batch':>5} {'mode':<8} {'ms/batch':>9} "
+             f"{'samples/s':>10} {'FLOP-ideal':>10} {'time-ideal':>10} {'realised':>8} {'effic.':>6}"]
+    for path in paths:
+        data = json.loads(open(path).read())
+        for bench in data["benchmarks"]:
+            info = bench["extra_info"]
+            if "mode" not in info or "batch" not in info:
+                continue
+            median = bench["stats"]["median"]
+            row = (f"{info['device'][:28]:<28} {info['model']:<9} {info['dtype']:<8} {info['batch']:>5} "
+                   f"{info['mode']:<8} {1e3 * median:>9.2f} {info['batch'] / median:>10.1f}")
+            if "efficiency" in info:
+                row += (f" {info['flop_ideal_speedup']:>10.2f} {info['time_ideal_speedup']:>10.2f} "
+                        f"{info['realised_speedup']:>8.2f} {info['efficiency']:>6.2f}")
+            lines.append(row)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m eefast.bench RESULTS.json [...]")
+    print(report(sys.argv[1:]))

@@ -1,0 +1,42 @@
+"""eefast.bench: the ideal times and speed-ups the benchmarks report."""
+
+import json
+
+import pytest
+import torch
+
+import eefast
+from eefast import bench
+
+
+def test_ideal_time_scales_each_segment_by_the_share_reaching_it():
+    # 50 / 25 / 15 / 10 % leave at exits 0..3: the stages see 100, 50, 25 and 10 % of the batch
+    ideal = bench.ideal_time([4.0, 2.0, 2.0, 1.0], [0.2, 0.2, 0.2], [50, 25, 15, 10])
+    assert ideal == pytest.approx(4.0 + 2.0 * 0.5 + 2.0 * 0.25 + 1.0 * 0.1 + 0.2 * (1 + 0.5 + 0.25))
+
+
+def test_speedups_and_report(tmp_path):
+    model = eefast.create_model("eenet20", num_exits=3)
+    counts = [50, 25, 15, 10]
+    result = bench.speedups(model, counts, plain_time=2.0, mode_time=1.0, stage_times=[1.0, 0.5, 0.3, 0.2],
+                            head_times=[0.0, 0.0, 0.0])
+    mean_flops = sum(c * f for c, f in zip(counts, model.flops)) / 100
+    assert result["flop_ideal_speedup"] == pytest.approx(model.profile.total / mean_flops)
+    ideal = 1.0 + 0.5 * 0.5 + 0.3 * 0.25 + 0.2 * 0.1
+    assert result["time_ideal_speedup"] == pytest.approx(2.0 / ideal)
+    assert result["realised_speedup"] == 2.0 and result["efficiency"] == pytest.approx(ideal)
+    results = {"benchmarks": [{"stats": {"median": 0.5}, "extra_info": {
+        "device": "cpu", "model": "eenet20", "dtype": "float32", "batch": 256, "mode": "compact", **result}}]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    table = bench.report([str(path)])
+    assert "eenet20" in table and "512.0" in table  # 256 samples in 0.5 s
+
+
+def test_plain_forward_is_the_backbone():
+    model = eefast.create_model("eenet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    model.threshold = 1.0
+    for e in model.exits:
+        e.confidence.bias.data.fill_(-100.0)
+    torch.testing.assert_close(bench.plain_forward(model, x), model(x).logits)
