@@ -77,41 +77,47 @@ void scatter_and_compact(const at::Tensor& x, const at::Tensor& logits, const at
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> compact_exits_cpu(const at::Tensor& x_in, const at::Tensor& logits_in,
-                                                     const at::Tensor& confidence_in, const at::Tensor& index_in,
-                                                     double threshold, int64_t exit_index,
-                                                     at::Tensor& out_logits, at::Tensor& out_exit) {
-  check_compact_exits_args("compact_exits", x_in, logits_in, confidence_in, index_in, exit_index, out_logits,
-                           out_exit);
-  const auto format = compacted_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor index = index_in.contiguous();
+// Checked, laid-out inputs and each row's output position.
+struct Plan {
+  at::MemoryFormat format;
+  at::Tensor x;       // [M, ...] in `format`
+  at::Tensor logits;  // [M, K] contiguous
+  at::Tensor index;   // [M] contiguous
+  std::vector<int64_t> position;
+  int64_t survivors;
+};
 
-  auto [position, survivors] = survivor_positions(confidence_in.contiguous(), index, threshold, out_logits.size(0));
-  auto kept_shape = x.sizes().vec();
-  kept_shape[0] = survivors;
-  at::Tensor x_kept = at::empty(kept_shape, x.options().memory_format(format));
-  at::Tensor index_kept = at::empty({survivors}, index.options());
-  scatter_and_compact(x, logits, index, exit_index, out_logits, out_exit, position, x_kept, index_kept);
+Plan plan(const char* op, const at::Tensor& x, const at::Tensor& logits, const at::Tensor& confidence,
+          const at::Tensor& index, double threshold, int64_t exit_index, const at::Tensor& out_logits,
+          const at::Tensor& out_exit) {
+  check_compact_exits_args(op, x, logits, confidence, index, exit_index, out_logits, out_exit);
+  const auto format = compacted_memory_format(x);
+  at::Tensor index_c = index.contiguous();
+  auto [position, survivors] = survivor_positions(confidence.contiguous(), index_c, threshold, out_logits.size(0));
+  return {format, x.contiguous(format), logits.contiguous(), index_c, std::move(position), survivors};
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_exits_cpu(const at::Tensor& x, const at::Tensor& logits,
+                                                     const at::Tensor& confidence, const at::Tensor& index,
+                                                     double threshold, int64_t exit_index, at::Tensor& out_logits,
+                                                     at::Tensor& out_exit) {
+  Plan p = plan("compact_exits", x, logits, confidence, index, threshold, exit_index, out_logits, out_exit);
+  auto kept_shape = p.x.sizes().vec();
+  kept_shape[0] = p.survivors;
+  at::Tensor x_kept = at::empty(kept_shape, p.x.options().memory_format(p.format));
+  at::Tensor index_kept = at::empty({p.survivors}, p.index.options());
+  scatter_and_compact(p.x, p.logits, p.index, exit_index, out_logits, out_exit, p.position, x_kept, index_kept);
   return {x_kept, index_kept};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_exits_padded_cpu(
-    const at::Tensor& x_in, const at::Tensor& logits_in, const at::Tensor& confidence_in, const at::Tensor& index_in,
+    const at::Tensor& x, const at::Tensor& logits, const at::Tensor& confidence, const at::Tensor& index,
     double threshold, int64_t exit_index, at::Tensor& out_logits, at::Tensor& out_exit) {
-  check_compact_exits_args("compact_exits_padded", x_in, logits_in, confidence_in, index_in, exit_index,
-                           out_logits, out_exit);
-  const auto format = compacted_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor index = index_in.contiguous();
-
-  auto [position, survivors] = survivor_positions(confidence_in.contiguous(), index, threshold, out_logits.size(0));
-  at::Tensor x_kept = at::empty(x.sizes(), x.options().memory_format(format)).zero_();  // at::zeros drops memory_format
-  at::Tensor index_kept = at::full({x.size(0)}, -1, index.options());
-  scatter_and_compact(x, logits, index, exit_index, out_logits, out_exit, position, x_kept, index_kept);
-  return {x_kept, index_kept, at::scalar_tensor(survivors, index.options())};
+  Plan p = plan("compact_exits_padded", x, logits, confidence, index, threshold, exit_index, out_logits, out_exit);
+  at::Tensor x_kept = at::empty(p.x.sizes(), p.x.options().memory_format(p.format)).zero_();  // at::zeros drops it
+  at::Tensor index_kept = at::full({p.x.size(0)}, -1, p.index.options());
+  scatter_and_compact(p.x, p.logits, p.index, exit_index, out_logits, out_exit, p.position, x_kept, index_kept);
+  return {x_kept, index_kept, at::scalar_tensor(p.survivors, p.index.options())};
 }
 
 }  // namespace

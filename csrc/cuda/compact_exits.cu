@@ -154,43 +154,52 @@ at::Tensor survivor_count(const at::Tensor& position) {
   return count;
 }
 
-std::tuple<at::Tensor, at::Tensor> compact_exits_cuda(const at::Tensor& x_in, const at::Tensor& logits_in,
-                                                      const at::Tensor& confidence_in, const at::Tensor& index_in,
+// Checks the arguments, writes the exiting rows and scans the survivors (launches 1 and 2).
+struct Decided {
+  at::MemoryFormat format;
+  at::Tensor x;         // [M, ...] in `format`
+  at::Tensor index;     // [M]
+  at::Tensor keep;      // [M] int32
+  at::Tensor position;  // [M] int32, inclusive sum of keep
+};
+
+Decided decide(const char* op, const at::Tensor& x_in, const at::Tensor& logits, const at::Tensor& confidence,
+               const at::Tensor& index_in, double threshold, int64_t exit_index, at::Tensor& out_logits,
+               at::Tensor& out_exit) {
+  check_compact_exits_args(op, x_in, logits, confidence, index_in, exit_index, out_logits, out_exit);
+  const auto format = compacted_memory_format(x_in);
+  at::Tensor index = index_in.contiguous();
+  auto [keep, position] = decide_and_scan(logits.contiguous(), confidence.contiguous(), index, threshold, exit_index,
+                                          out_logits, out_exit);
+  return {format, x_in.contiguous(format), index, keep, position};
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_exits_cuda(const at::Tensor& x, const at::Tensor& logits,
+                                                      const at::Tensor& confidence, const at::Tensor& index,
                                                       double threshold, int64_t exit_index, at::Tensor& out_logits,
                                                       at::Tensor& out_exit) {
-  check_compact_exits_args("compact_exits", x_in, logits_in, confidence_in, index_in, exit_index, out_logits,
-                           out_exit);
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const auto format = compacted_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format);
-  const at::Tensor index = index_in.contiguous();
-  auto [keep, position] = decide_and_scan(logits_in.contiguous(), confidence_in.contiguous(), index, threshold,
-                                          exit_index, out_logits, out_exit);
+  c10::cuda::CUDAGuard guard(x.device());
+  Decided d = decide("compact_exits", x, logits, confidence, index, threshold, exit_index, out_logits, out_exit);
   // The one device->host synchronisation: the survivor count sizes the outputs.
-  const int64_t survivors = survivor_count(position).item<int64_t>();
-  auto kept_shape = x.sizes().vec();
+  const int64_t survivors = survivor_count(d.position).item<int64_t>();
+  auto kept_shape = d.x.sizes().vec();
   kept_shape[0] = survivors;
-  at::Tensor x_kept = at::empty(kept_shape, x.options().memory_format(format));
-  at::Tensor index_kept = at::empty({survivors}, index.options());
-  gather_rows(x, index, keep, position, x_kept, index_kept);
+  at::Tensor x_kept = at::empty(kept_shape, d.x.options().memory_format(d.format));
+  at::Tensor index_kept = at::empty({survivors}, d.index.options());
+  gather_rows(d.x, d.index, d.keep, d.position, x_kept, index_kept);
   return {x_kept, index_kept};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_exits_padded_cuda(
-    const at::Tensor& x_in, const at::Tensor& logits_in, const at::Tensor& confidence_in, const at::Tensor& index_in,
+    const at::Tensor& x, const at::Tensor& logits, const at::Tensor& confidence, const at::Tensor& index,
     double threshold, int64_t exit_index, at::Tensor& out_logits, at::Tensor& out_exit) {
-  check_compact_exits_args("compact_exits_padded", x_in, logits_in, confidence_in, index_in, exit_index,
-                           out_logits, out_exit);
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const auto format = compacted_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format);
-  const at::Tensor index = index_in.contiguous();
-  auto [keep, position] = decide_and_scan(logits_in.contiguous(), confidence_in.contiguous(), index, threshold,
-                                          exit_index, out_logits, out_exit);
-  at::Tensor x_kept = at::empty(x.sizes(), x.options().memory_format(format)).zero_();  // at::zeros drops memory_format
-  at::Tensor index_kept = at::full({x.size(0)}, -1, index.options());
-  gather_rows(x, index, keep, position, x_kept, index_kept);
-  return {x_kept, index_kept, survivor_count(position)};
+  c10::cuda::CUDAGuard guard(x.device());
+  Decided d = decide("compact_exits_padded", x, logits, confidence, index, threshold, exit_index, out_logits,
+                     out_exit);
+  at::Tensor x_kept = at::empty(d.x.sizes(), d.x.options().memory_format(d.format)).zero_();  // at::zeros drops it
+  at::Tensor index_kept = at::full({d.x.size(0)}, -1, d.index.options());
+  gather_rows(d.x, d.index, d.keep, d.position, x_kept, index_kept);
+  return {x_kept, index_kept, survivor_count(d.position)};
 }
 
 }  // namespace
