@@ -32,6 +32,9 @@ THESIS_ROWS = [
 RUNS = [  # label, create/train options
     ("ResNet-8", dict(model="resnet8")),
     ("EENet-8 L_v2, pool exits", dict(model="eenet8", loss="v2", exit_type="pool")),
+    ("EENet-8 L_v1, pool exits", dict(model="eenet8", loss="v1", exit_type="pool")),
+    ("EENet-8 L_MC, pool exits", dict(model="eenet8", loss="mc", exit_type="pool")),
+    ("EENet-8 L_Cost, pool exits", dict(model="eenet8", loss="cost", exit_type="pool")),
     ("EENet-8 L_v2, plain exits", dict(model="eenet8", loss="v2", exit_type="plain")),
     ("EENet-8 L_v1, plain exits", dict(model="eenet8", loss="v1", exit_type="plain")),
     ("EENet-8 L_MC, plain exits", dict(model="eenet8", loss="mc", exit_type="plain")),
