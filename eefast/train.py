@@ -15,7 +15,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,6 +128,34 @@ def _reduce_mean(values: torch.Tensor, dist_info: Distributed) -> torch.Tensor:
     return values
 
 
+class Interruption:
+    """Turns SIGINT / SIGTERM into a flag that the training loop checks after each step, so it can
+    save a resumable checkpoint and exit (non-zero) instead of dying mid-write."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> Interruption:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after an interruption checkpoint was written; exits with 128 + the signal number."""
+
+
 def _progress(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
@@ -174,6 +204,7 @@ def train(config: TrainConfig) -> dict:
 
     start_epoch, history = 0, []
     best_loss, stale_epochs = math.inf, 0
+    position = None  # where an interrupted epoch stopped: {"epoch", "step", "sums", "samples"}
     if config.resume:
         checkpoint = load_checkpoint(out / "last.pt", map_location=device)
         model.load_state_dict(checkpoint["model_state"])
@@ -181,9 +212,13 @@ def train(config: TrainConfig) -> dict:
         start_epoch = checkpoint["epoch"] + 1
         history = list(checkpoint["history"])
         best_loss, stale_epochs = checkpoint["best_loss"], checkpoint["stale_epochs"]
-        torch.set_rng_state(checkpoint["rng_state"])
+        position = checkpoint.get("position")
+        if position is None:
+            torch.set_rng_state(checkpoint["rng_state"])
+        resume_rng = checkpoint["rng_state"]
         if show:
-            print(f"resuming {out / 'last.pt'} after epoch {checkpoint['epoch'] + 1}")
+            where = f"epoch {position['epoch'] + 1}, step {position['step']}" if position else f"epoch {start_epoch}"
+            print(f"resuming {out / 'last.pt'} after {where}")
 
     train_model = model
     if dist_info.world_size > 1:
@@ -199,6 +234,20 @@ def train(config: TrainConfig) -> dict:
               + (f", {dist_info.world_size} processes" if dist_info.world_size > 1 else ""))
 
     payload = {"model_name": config.model, "model_kwargs": kwargs, "config": asdict(config)}
+    with Interruption() as interruption:
+        history = _epochs(config, splits, model, train_model, criterion, optimizer, device, dist_info, out, show, bars,
+                          payload, history, start_epoch, best_loss, stale_epochs, position,
+                          resume_rng if config.resume else None, interruption)
+
+    summary = finish(model, splits, out, device, dist_info, show, config, history)
+    if dist_info.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+def _epochs(config, splits, model, train_model, criterion, optimizer, device, dist_info, out, show, bars, payload,
+            history, start_epoch, best_loss, stale_epochs, position, resume_rng, interruption) -> list[dict]:
+    """The epoch loop; returns the history. Writes best.pt / last.pt / history each epoch."""
     for epoch in range(start_epoch, config.epochs):
         if stale_epochs >= config.patience:
             break
@@ -210,11 +259,23 @@ def train(config: TrainConfig) -> dict:
             sampler = RandomSampler(splits.train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
         loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler)
         sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, cost (sample-weighted)
-        samples = 0
-        for x, y in _progress(loader, bars, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
+        samples, skip = 0, 0
+        if position is not None and position["epoch"] == epoch:  # an interrupted epoch: go on where it stopped
+            sums, samples, skip = torch.tensor(position["sums"], dtype=torch.float64), position["samples"], position["step"]
+        position = None
+        for step, (x, y) in enumerate(_progress(loader, bars, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)):
+            if step < skip:
+                continue
+            if step == skip and skip and resume_rng is not None:
+                torch.set_rng_state(resume_rng)  # the RNG as it was when the run stopped here
             x, y = x.to(device), y.to(device)
             output = train_model(x)
             loss = criterion(output, y, model.costs)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"the training loss is not finite at epoch {epoch + 1}, step {step + 1}; nothing of this "
+                    f"step was applied, and the last good checkpoint is {out / 'last.pt'}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -222,11 +283,9 @@ def train(config: TrainConfig) -> dict:
                 ce, cost = criterion.parts(output, y, model.costs)
             sums += torch.tensor([loss.item(), ce.item(), cost.item()], dtype=torch.float64) * x.shape[0]
             samples += x.shape[0]
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"the training loss is not finite at epoch {epoch + 1}, step {samples // config.batch_size}; "
-                    f"the last good checkpoint is {out / 'last.pt'}"
-                )
+            if interruption.signum is not None:
+                _save_interrupted(out, payload, model, optimizer, history, best_loss, stale_epochs, epoch, step + 1,
+                                  sums, samples, dist_info, show, interruption.signum)
         means = _reduce_mean(sums / max(samples, 1), dist_info)
         val_loss = validation_loss(model, criterion, splits.val, device, config.batch_size)
         val = evaluate(model, splits.val, device)
@@ -252,11 +311,29 @@ def train(config: TrainConfig) -> dict:
             print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, cost "
                   f"{row['train_cost']:.4f})  val loss {val_loss:.4f}  val acc {val.accuracy:.2f}%  "
                   f"rel cost {val.relative_cost:.3f}  exits {val.exit_counts}" + ("  *" if improved else ""))
+        if interruption.signum is not None:  # a signal during validation: the epoch is saved, stop here
+            raise TrainingInterrupted(128 + interruption.signum)
+    return history
 
-    summary = finish(model, splits, out, device, dist_info, show, config, history)
-    if dist_info.world_size > 1:
-        dist.barrier()
-    return summary
+
+def _save_interrupted(out, payload, model, optimizer, history, best_loss, stale_epochs, epoch, step, sums, samples,
+                      dist_info, show, signum) -> None:
+    """Writes a mid-epoch last.pt that --resume continues exactly, then exits with 128 + signum.
+    Under torch.distributed the ranks may stand at different steps: nothing is written, and a
+    resumed run restarts from the last finished epoch."""
+    if dist_info.world_size == 1:
+        save_checkpoint(out / "last.pt", {
+            **payload, "model_state": model.state_dict(), "threshold": model.threshold, "epoch": epoch - 1,
+            "history": history, "best_loss": best_loss, "stale_epochs": stale_epochs,
+            "optimizer_state": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
+            "position": {"epoch": epoch, "step": step, "sums": sums.tolist(), "samples": samples},
+        })
+    if dist_info.is_main:
+        name = signal.Signals(signum).name
+        print(f"{name}: stopped in epoch {epoch + 1} after step {step}; "
+              + (f"resume with --resume (checkpoint {out / 'last.pt'})" if dist_info.world_size == 1 else
+                 "--resume restarts from the last finished epoch"), file=sys.stderr)
+    raise TrainingInterrupted(128 + signum)
 
 
 def finish(model: EENet, splits, out: Path, device, dist_info: Distributed, show: bool, config: TrainConfig,
