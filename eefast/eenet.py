@@ -172,6 +172,9 @@ class EENet(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"EENet: expected a floating-point input, got {x.dtype}")
+        device = self.costs.device
+        if x.device != device:
+            raise ValueError(f"EENet: expected the input on {device} (the model's device), got it on {x.device}")
 
     def forward(self, x: Tensor) -> EENetOutput | Prediction:
         if self.training:

@@ -294,11 +294,18 @@ def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: 
         )
     if target.dtype != torch.int64:
         raise TypeError(f"eenet_loss: expected int64 class indices as target, got {target.dtype}")
+    for name, tensor in (("conf_logits", conf_logits), ("target", target), ("costs", costs)):
+        if tensor.device != logits.device:
+            raise ValueError(
+                f"eenet_loss: expected every tensor on {logits.device} (the device of logits), got {name} on {tensor.device}"
+            )
     values_readable = target.device.type == "cpu" and not torch.compiler.is_compiling()  # no host sync, no graph break
     if values_readable and target.numel() and not bool(((target >= 0) & (target < classes)).all()):
         raise ValueError(
             f"eenet_loss: expected target values in [0, {classes}), got min {int(target.min())}, max {int(target.max())}"
         )
+    if values_readable and num_exits > 1 and not bool((costs[1:] > costs[:-1]).all()):
+        raise ValueError(f"eenet_loss: expected costs increasing from exit to exit, got {costs.tolist()}")
 
 
 def eenet_loss_parts(
