@@ -188,182 +188,201 @@ def validation_loss(model: EENet, criterion: EENetLoss, dataset, device, batch_s
 
 def train(config: TrainConfig) -> dict:
     """Runs the training job; returns the summary (also written to ``out/summary.json``)."""
-    dist_info = setup_distributed(config.device)
-    device = resolve_device(config.device, dist_info.local_rank)
-    out = Path(config.out)
-    show = dist_info.is_main and not config.quiet
-    bars = show and sys.stderr.isatty()
+    return Trainer(config).run()
 
-    splits = load_dataset(config.dataset, config.data_root, config.download, config.seed, config.val_fraction)
-    kwargs = model_kwargs(config, splits.num_classes, splits.input_shape)
-    torch.manual_seed(config.seed)
-    model = create_model(config.model, **{**kwargs, "input_shape": tuple(kwargs["input_shape"])}).to(device)
-    model.threshold = config.threshold
-    criterion = EENetLoss(lam=config.lam, version=config.loss)
-    optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
 
-    start_epoch, history = 0, []
-    best_loss, stale_epochs = math.inf, 0
-    position = None  # where an interrupted epoch stopped: {"epoch", "step", "sums", "samples"}
-    if config.resume:
-        checkpoint = load_checkpoint(out / "last.pt", map_location=device)
-        model.load_state_dict(checkpoint["model_state"])
-        optimizer.load_state_dict(checkpoint["optimizer_state"])
-        start_epoch = checkpoint["epoch"] + 1
-        history = list(checkpoint["history"])
-        best_loss, stale_epochs = checkpoint["best_loss"], checkpoint["stale_epochs"]
-        position = checkpoint.get("position")
-        if position is None:
+class Trainer:
+    """One training run: its data, model, optimizer and the state that checkpoints carry."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.dist = setup_distributed(config.device)
+        self.device = resolve_device(config.device, self.dist.local_rank)
+        self.out = Path(config.out)
+        self.show = self.dist.is_main and not config.quiet
+        self.bars = self.show and sys.stderr.isatty()
+
+        self.splits = load_dataset(config.dataset, config.data_root, config.download, config.seed,
+                                   config.val_fraction)
+        kwargs = model_kwargs(config, self.splits.num_classes, self.splits.input_shape)
+        torch.manual_seed(config.seed)
+        self.model = create_model(config.model, **{**kwargs, "input_shape": tuple(kwargs["input_shape"])})
+        self.model.to(self.device)
+        self.model.threshold = config.threshold
+        self.criterion = EENetLoss(lam=config.lam, version=config.loss)
+        self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr)
+        self.payload = {"model_name": config.model, "model_kwargs": kwargs, "config": asdict(config)}
+
+        self.start_epoch, self.history = 0, []
+        self.best_loss, self.stale_epochs = math.inf, 0
+        self.position = None  # where an interrupted epoch stopped: {"epoch", "step", "sums", "samples"}
+        self.resume_rng = None  # the RNG state to restore where that epoch stopped
+        if config.resume:
+            self._resume()
+
+        self.train_model = self.model
+        if self.dist.world_size > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None
+            )
+
+    def _resume(self) -> None:
+        checkpoint = load_checkpoint(self.out / "last.pt", map_location=self.device)
+        self.model.load_state_dict(checkpoint["model_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.history = list(checkpoint["history"])
+        self.best_loss, self.stale_epochs = checkpoint["best_loss"], checkpoint["stale_epochs"]
+        self.position = checkpoint.get("position")
+        if self.position is None:
             torch.set_rng_state(checkpoint["rng_state"])
-        resume_rng = checkpoint["rng_state"]
-        if show:
-            where = f"epoch {position['epoch'] + 1}, step {position['step']}" if position else f"epoch {start_epoch}"
-            print(f"resuming {out / 'last.pt'} after {where}")
+        else:
+            self.resume_rng = checkpoint["rng_state"]
+        if self.show:
+            p = self.position
+            where = f"epoch {p['epoch'] + 1}, step {p['step']}" if p else f"epoch {self.start_epoch}"
+            print(f"resuming {self.out / 'last.pt'} after {where}")
 
-    train_model = model
-    if dist_info.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None
-        )
+    def run(self) -> dict:
+        config, model = self.config, self.model
+        if self.show:
+            costs = ", ".join(f"{c:.3f}" for c in model.costs.tolist())
+            print(f"{config.model} on {config.dataset} ({len(self.splits.train)} train / {len(self.splits.val)} val / "
+                  f"{len(self.splits.test)} test), exits after blocks {model.exit_positions}, costs [{costs}], "
+                  f"loss {config.loss} lam {config.lam}, device {self.device}"
+                  + (f", {self.dist.world_size} processes" if self.dist.world_size > 1 else ""))
+        with Interruption() as interruption:
+            for epoch in range(self.start_epoch, config.epochs):
+                if self.stale_epochs >= config.patience:
+                    break
+                means = self._train_epoch(epoch, interruption)
+                self._end_epoch(epoch, means)
+                if interruption.signum is not None:  # a signal during validation: the epoch is saved, stop
+                    raise TrainingInterrupted(128 + interruption.signum)
+        summary = self.finish()
+        if self.dist.world_size > 1:
+            dist.barrier()
+        return summary
 
-    if show:
-        costs = ", ".join(f"{c:.3f}" for c in model.costs.tolist())
-        print(f"{config.model} on {config.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
-              f"{len(splits.test)} test), exits after blocks {model.exit_positions}, costs [{costs}], "
-              f"loss {config.loss} lam {config.lam}, device {device}"
-              + (f", {dist_info.world_size} processes" if dist_info.world_size > 1 else ""))
-
-    payload = {"model_name": config.model, "model_kwargs": kwargs, "config": asdict(config)}
-    with Interruption() as interruption:
-        history = _epochs(config, splits, model, train_model, criterion, optimizer, device, dist_info, out, show, bars,
-                          payload, history, start_epoch, best_loss, stale_epochs, position,
-                          resume_rng if config.resume else None, interruption)
-
-    summary = finish(model, splits, out, device, dist_info, show, config, history)
-    if dist_info.world_size > 1:
-        dist.barrier()
-    return summary
-
-
-def _epochs(config, splits, model, train_model, criterion, optimizer, device, dist_info, out, show, bars, payload,
-            history, start_epoch, best_loss, stale_epochs, position, resume_rng, interruption) -> list[dict]:
-    """The epoch loop; returns the history. Writes best.pt / last.pt / history each epoch."""
-    for epoch in range(start_epoch, config.epochs):
-        if stale_epochs >= config.patience:
-            break
-        model.train()
+    def _loader(self, epoch: int) -> DataLoader:
+        config, dist_info = self.config, self.dist
         if dist_info.world_size > 1:
-            sampler = DistributedSampler(splits.train, dist_info.world_size, dist_info.rank, seed=config.seed)
+            sampler = DistributedSampler(self.splits.train, dist_info.world_size, dist_info.rank, seed=config.seed)
             sampler.set_epoch(epoch)
         else:  # the data order of each epoch depends on (seed, epoch) alone, so a resumed run repeats it
-            sampler = RandomSampler(splits.train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-        loader = DataLoader(splits.train, batch_size=config.batch_size, sampler=sampler)
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            sampler = RandomSampler(self.splits.train, generator=generator)
+        return DataLoader(self.splits.train, batch_size=config.batch_size, sampler=sampler)
+
+    def _train_epoch(self, epoch: int, interruption: Interruption) -> torch.Tensor:
+        """One pass over the training split; returns the mean (loss, ce, cost) over its samples."""
+        model, criterion, optimizer = self.model, self.criterion, self.optimizer
+        model.train()
         sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, cost (sample-weighted)
         samples, skip = 0, 0
-        if position is not None and position["epoch"] == epoch:  # an interrupted epoch: go on where it stopped
-            sums, samples, skip = torch.tensor(position["sums"], dtype=torch.float64), position["samples"], position["step"]
-        position = None
-        for step, (x, y) in enumerate(_progress(loader, bars, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)):
+        if self.position is not None and self.position["epoch"] == epoch:  # go on where the run stopped
+            p = self.position
+            sums, samples, skip = torch.tensor(p["sums"], dtype=torch.float64), p["samples"], p["step"]
+        self.position = None
+        batches = _progress(self._loader(epoch), self.bars, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False)
+        for step, (x, y) in enumerate(batches):
             if step < skip:
                 continue
-            if step == skip and skip and resume_rng is not None:
-                torch.set_rng_state(resume_rng)  # the RNG as it was when the run stopped here
-            x, y = x.to(device), y.to(device)
-            output = train_model(x)
+            if step == skip and skip and self.resume_rng is not None:
+                torch.set_rng_state(self.resume_rng)  # the RNG as it was when the run stopped here
+            x, y = x.to(self.device), y.to(self.device)
+            output = self.train_model(x)
             loss = criterion(output, y, model.costs)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"the training loss is not finite at epoch {epoch + 1}, step {step + 1}; nothing of this "
-                    f"step was applied, and the last good checkpoint is {out / 'last.pt'}"
+                    f"step was applied, and the last good checkpoint is {self.out / 'last.pt'}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            with torch.no_grad():
-                ce, cost = criterion.parts(output, y, model.costs)
+            ce, cost = criterion.parts(output, y, model.costs)
             sums += torch.tensor([loss.item(), ce.item(), cost.item()], dtype=torch.float64) * x.shape[0]
             samples += x.shape[0]
             if interruption.signum is not None:
-                _save_interrupted(out, payload, model, optimizer, history, best_loss, stale_epochs, epoch, step + 1,
-                                  sums, samples, dist_info, show, interruption.signum)
-        means = _reduce_mean(sums / max(samples, 1), dist_info)
-        val_loss = validation_loss(model, criterion, splits.val, device, config.batch_size)
-        val = evaluate(model, splits.val, device)
-        improved = val_loss < best_loss - config.min_delta
-        best_loss, stale_epochs = (val_loss, 0) if improved else (best_loss, stale_epochs + 1)
+                self._save_interrupted(epoch, step + 1, sums, samples, interruption.signum)
+        return _reduce_mean(sums / max(samples, 1), self.dist)
+
+    def _state(self, epoch: int) -> dict:
+        return {**self.payload, "model_state": self.model.state_dict(), "threshold": self.model.threshold,
+                "epoch": epoch, "history": self.history, "best_loss": self.best_loss,
+                "stale_epochs": self.stale_epochs}
+
+    def _resumable(self, epoch: int) -> dict:
+        return {**self._state(epoch), "optimizer_state": self.optimizer.state_dict(),
+                "rng_state": torch.get_rng_state()}
+
+    def _end_epoch(self, epoch: int, means: torch.Tensor) -> None:
+        """Validation, early-stopping state, history and checkpoints of a finished epoch."""
+        model, splits = self.model, self.splits
+        val_loss = validation_loss(model, self.criterion, splits.val, self.device, self.config.batch_size)
+        val = evaluate(model, splits.val, self.device)
+        improved = val_loss < self.best_loss - self.config.min_delta
+        self.best_loss, self.stale_epochs = (val_loss, 0) if improved else (self.best_loss, self.stale_epochs + 1)
         row = {
             "epoch": epoch + 1, "train_loss": means[0].item(), "train_ce": means[1].item(),
             "train_cost": means[2].item(), "val_loss": val_loss, "val_accuracy": val.accuracy,
             "val_relative_cost": val.relative_cost, "exit_counts": val.exit_counts,
         }
-        history.append(row)
-        if dist_info.is_main:
-            state = {
-                **payload, "model_state": model.state_dict(), "threshold": model.threshold, "epoch": epoch,
-                "history": history, "best_loss": best_loss, "stale_epochs": stale_epochs,
-            }
+        self.history.append(row)
+        if self.dist.is_main:
             if improved:
-                save_checkpoint(out / "best.pt", state)
-            save_checkpoint(out / "last.pt", {**state, "optimizer_state": optimizer.state_dict(),
-                                              "rng_state": torch.get_rng_state()})
-            _write_history(out, history)
-        if show:
+                save_checkpoint(self.out / "best.pt", self._state(epoch))
+            save_checkpoint(self.out / "last.pt", self._resumable(epoch))
+            _write_history(self.out, self.history)
+        if self.show:
             print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, cost "
                   f"{row['train_cost']:.4f})  val loss {val_loss:.4f}  val acc {val.accuracy:.2f}%  "
                   f"rel cost {val.relative_cost:.3f}  exits {val.exit_counts}" + ("  *" if improved else ""))
-        if interruption.signum is not None:  # a signal during validation: the epoch is saved, stop here
-            raise TrainingInterrupted(128 + interruption.signum)
-    return history
 
+    def _save_interrupted(self, epoch: int, step: int, sums: torch.Tensor, samples: int, signum: int) -> None:
+        """Writes a mid-epoch last.pt that --resume continues exactly, then exits with 128 + signum.
+        Under torch.distributed the ranks may stand at different steps: nothing is written, and a
+        resumed run restarts from the last finished epoch."""
+        single = self.dist.world_size == 1
+        if single:
+            position = {"epoch": epoch, "step": step, "sums": sums.tolist(), "samples": samples}
+            save_checkpoint(self.out / "last.pt", {**self._resumable(epoch - 1), "position": position})
+        if self.dist.is_main:
+            how = (f"resume with --resume (checkpoint {self.out / 'last.pt'})" if single
+                   else "--resume restarts from the last finished epoch")
+            print(f"{signal.Signals(signum).name}: stopped in epoch {epoch + 1} after step {step}; {how}",
+                  file=sys.stderr)
+        raise TrainingInterrupted(128 + signum)
 
-def _save_interrupted(out, payload, model, optimizer, history, best_loss, stale_epochs, epoch, step, sums, samples,
-                      dist_info, show, signum) -> None:
-    """Writes a mid-epoch last.pt that --resume continues exactly, then exits with 128 + signum.
-    Under torch.distributed the ranks may stand at different steps: nothing is written, and a
-    resumed run restarts from the last finished epoch."""
-    if dist_info.world_size == 1:
-        save_checkpoint(out / "last.pt", {
-            **payload, "model_state": model.state_dict(), "threshold": model.threshold, "epoch": epoch - 1,
-            "history": history, "best_loss": best_loss, "stale_epochs": stale_epochs,
-            "optimizer_state": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
-            "position": {"epoch": epoch, "step": step, "sums": sums.tolist(), "samples": samples},
-        })
-    if dist_info.is_main:
-        name = signal.Signals(signum).name
-        print(f"{name}: stopped in epoch {epoch + 1} after step {step}; "
-              + (f"resume with --resume (checkpoint {out / 'last.pt'})" if dist_info.world_size == 1 else
-                 "--resume restarts from the last finished epoch"), file=sys.stderr)
-    raise TrainingInterrupted(128 + signum)
+    def finish(self) -> dict:
+        """The test report of the best checkpoint, written to summary.json, with plots."""
+        model, config, dist_info, out = self.model, self.config, self.dist, self.out
+        if dist_info.world_size > 1:
+            dist.barrier()  # rank 0 has written its last checkpoint
+        best = out / "best.pt"
+        if best.exists():
+            model.load_state_dict(load_checkpoint(best, map_location=self.device)["model_state"])
+        test: EvalResult = evaluate(model, self.splits.test, self.device)
+        digests = [weights_digest(model)]
+        if dist_info.world_size > 1:
+            digests = [None] * dist_info.world_size
+            dist.all_gather_object(digests, weights_digest(model))
+        summary = {
+            "model": config.model, "dataset": config.dataset, "loss": config.loss, "lam": config.lam,
+            "epochs_run": len(self.history), "exit_positions": model.exit_positions, "costs": model.costs.tolist(),
+            "flops": model.flops, "test": test.to_dict(), "weights_sha256": digests[0],
+            "ranks_identical": len(set(digests)) == 1, "world_size": dist_info.world_size,
+        }
+        if dist_info.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if config.plots and self.history:
+                from eefast import plots
 
-
-def finish(model: EENet, splits, out: Path, device, dist_info: Distributed, show: bool, config: TrainConfig,
-           history: list[dict]) -> dict:
-    """The test report of the best checkpoint, written to summary.json, with plots."""
-    if dist_info.world_size > 1:
-        dist.barrier()  # rank 0 has written its last checkpoint
-    best = out / "best.pt"
-    if best.exists():
-        model.load_state_dict(load_checkpoint(best, map_location=device)["model_state"])
-    test: EvalResult = evaluate(model, splits.test, device)
-    digests = [weights_digest(model)]
-    if dist_info.world_size > 1:
-        digests = [None] * dist_info.world_size
-        dist.all_gather_object(digests, weights_digest(model))
-    summary = {
-        "model": config.model, "dataset": config.dataset, "loss": config.loss, "lam": config.lam,
-        "epochs_run": len(history), "exit_positions": model.exit_positions, "costs": model.costs.tolist(),
-        "flops": model.flops, "test": test.to_dict(), "weights_sha256": digests[0],
-        "ranks_identical": len(set(digests)) == 1, "world_size": dist_info.world_size,
-    }
-    if dist_info.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if config.plots and history:
-            from eefast import plots
-
-            plots.plot_history(history, out / "history.png")
-            plots.plot_exit_histogram(test.exit_counts, model.costs.tolist(), out / "exits.png")
-            plots.plot_exit_grid(model, splits.test, device, out / "exit_grid.png")
-    if show:
-        print(f"test ({test.samples} samples): {test.summary()}")
-        print(f"wrote {out}/")
-    return summary
+                plots.plot_history(self.history, out / "history.png")
+                plots.plot_exit_histogram(test.exit_counts, model.costs.tolist(), out / "exits.png")
+                plots.plot_exit_grid(model, self.splits.test, self.device, out / "exit_grid.png")
+        if self.show:
+            print(f"test ({test.samples} samples): {test.summary()}")
+            print(f"wrote {out}/")
+        return summary
