@@ -111,3 +111,15 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "not found under" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--loss", "v3"])  # argparse names the choices
+
+
+def test_inf_inputs_behave_like_nan_or_saturate_consistently(model):
+    x = torch.randn(6, 3, 32, 32)
+    x[1] = float("inf")
+    x[2, 0, 0, 0] = float("-inf")
+    model.threshold = 0.5
+    preds = {mode: model.predict(x, mode=mode) for mode in ("compact", "mask", "sample")}
+    for mode in ("mask", "sample"):
+        assert torch.equal(preds["compact"].exit, preds[mode].exit)
+    clean = model.predict(x[[0, 3, 4, 5]], mode="compact")
+    assert torch.equal(preds["compact"].exit[[0, 3, 4, 5]], clean.exit)  # other samples unaffected
