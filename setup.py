@@ -74,7 +74,9 @@ def extension_modules():
         )
 
     cpp_sources, cuda_sources = read_sources()
-    cxx_flags = ["-O3", "-std=c++20"]
+    # at::parallel_for is an OpenMP pragma in torch's headers: without -fopenmp it runs serially.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     archs = None
     if with_cuda:
@@ -89,10 +91,11 @@ def extension_modules():
             cpp_sources + cuda_sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     else:
         ext = CppExtension("eefast._C", cpp_sources, define_macros=define_macros,
-                           extra_compile_args={"cxx": cxx_flags})
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
     print(
         f"eefast build: torch {torch.__version__} (CUDA {torch.version.cuda}), "

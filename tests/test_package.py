@@ -138,3 +138,10 @@ def test_default_cuda_archs_without_a_gpu():
     assert result.returncode == 0, result.stderr
     if "extension: CUDA + CPU" in result.stderr and not torch.cuda.is_available():
         assert "archs 8.0;9.0+PTX" in result.stderr
+
+
+def test_cpu_kernels_are_built_with_openmp(extension):
+    """at::parallel_for is an OpenMP pragma compiled into our own code: without -fopenmp the CPU
+    op runs on one thread (it did, 1.7x slower than boolean indexing at batch 1024)."""
+    result = subprocess.run(["ldd", extension.__file__], capture_output=True, text=True)
+    assert "libgomp" in result.stdout, result.stdout
