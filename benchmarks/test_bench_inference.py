@@ -81,3 +81,36 @@ def test_inference(benchmark, record, device, dtype, batch, name, mode):
     if mode != "plain":
         benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, benchmark.stats.stats.median,
                                                    stage_times, head_times))
+
+
+@functools.lru_cache(maxsize=1)
+def mnist_model(out: str):
+    """EENet-8 (4 filters, plain exits, v2) trained on the MNIST sample, and 256 test images."""
+    from eefast.data import load_dataset
+    from eefast.train import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(model="eenet8", filters=4, exit_type="plain", epochs=10, quiet=True, plots=False,
+                                  out=out, device="cpu"))
+    trainer.run()
+    x = torch.stack([load_dataset("mnist-sample").test[i][0] for i in range(256)])
+    return trainer.model.eval(), x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_mnist_natural_mix(benchmark, record, tmp_path_factory, mode):
+    """The exit mix a trained model chooses on real test images (threshold 0.5)."""
+    model, x = mnist_model(str(tmp_path_factory.getbasetemp() / "mnist-eenet8"))
+    exit_counts = torch.bincount(model.predict(x, mode="mask").exit, minlength=model.num_exits).tolist()
+    device = torch.device("cpu")
+    plain_time = bench.median_time(lambda: bench.plain_forward(model, x), device, 5)
+    stage_times, head_times = bench.segment_times(model, x, 5)
+    fn = functools.partial(bench.plain_forward, model, x) if mode == "plain" else functools.partial(
+        model.predict, x, mode=mode)
+    benchmark.group = "eenet8 mnist-sample natural mix cpu float32 batch 256"
+    record("cpu", torch.float32, model="eenet8-mnist", batch=256, mode=mode, input_shape=[1, 28, 28],
+           exit_counts=exit_counts, thresholds=model.threshold, plain_time_s=plain_time,
+           stage_times_s=stage_times, head_times_s=head_times)
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    if mode != "plain":
+        benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, benchmark.stats.stats.median,
+                                                   stage_times, head_times))
