@@ -34,8 +34,7 @@ CASES = [
 
 @functools.lru_cache(maxsize=4)
 def prepared(name: str, device: str, dtype: torch.dtype, batch: int):
-    """A model with warmed batch-norm statistics, a batch, thresholds for MIX, and the plain
-    network's time and segment times on that batch."""
+    """A model with warmed batch-norm statistics and a batch, with thresholds for MIX."""
     torch.manual_seed(0)
     model = eefast.create_model(name, **MODELS[name]).to(device)
     model.train()
@@ -46,13 +45,33 @@ def prepared(name: str, device: str, dtype: torch.dtype, batch: int):
     generator = torch.Generator().manual_seed(1)
     calibration = torch.randn(max(CALIBRATION, batch), *model.input_shape, generator=generator).to(device, dtype)
     model.threshold = model.thresholds_for_fractions(calibration, MIX)
-    x = calibration[:batch].contiguous()
+    return model, calibration[:batch].contiguous()
+
+
+def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: str, rounds: int) -> None:
+    """Benchmarks one mode on (model, x); extra_info gets the exit histogram, the plain network's
+    time and segment times, and the speed-ups of eefast.bench."""
+    device = x.device
     exit_counts = torch.bincount(model.predict(x, mode="mask").exit, minlength=model.num_exits).tolist()
-    device_ = torch.device(device)
-    repeats = 3 if device == "cpu" else 20
-    plain_time = bench.median_time(lambda: bench.plain_forward(model, x), device_, repeats)
+    repeats = 3 if device.type == "cpu" else 20
+    plain_time = bench.median_time(lambda: bench.plain_forward(model, x), device, repeats)
     stage_times, head_times = bench.segment_times(model, x, repeats)
-    return model, x, exit_counts, plain_time, stage_times, head_times
+    fn = functools.partial(bench.plain_forward, model, x) if mode == "plain" else functools.partial(
+        model.predict, x, mode=mode)
+
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = f"{label} {device.type} {str(dtype)[6:]} batch {x.shape[0]}"
+    record(device.type, dtype, model=label, batch=x.shape[0], mode=mode, input_shape=list(model.input_shape),
+           exit_counts=exit_counts, thresholds=model.threshold, plain_time_s=plain_time,
+           stage_times_s=stage_times, head_times_s=head_times)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+    if mode != "plain" and benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, benchmark.stats.stats.median,
+                                                   stage_times, head_times))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -61,26 +80,9 @@ def prepared(name: str, device: str, dtype: torch.dtype, batch: int):
 def test_inference(benchmark, record, device, dtype, batch, name, mode):
     if device == "cpu" and name == "eenet50" and batch == 256 and mode == "sample":
         pytest.skip("minutes on a 2-core CPU; the 256-sample loop is measured on eenet110 and eenet20")
-    model, x, exit_counts, plain_time, stage_times, head_times = prepared(name, device, dtype, batch)
-    if mode == "plain":
-        fn = functools.partial(bench.plain_forward, model, x)
-    else:
-        fn = functools.partial(model.predict, x, mode=mode)
-
-    def run():
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.group = f"{name} {device} {str(dtype)[6:]} batch {batch}"
-    record(device, dtype, model=name, batch=batch, mode=mode, input_shape=list(model.input_shape),
-           exit_counts=exit_counts, thresholds=model.threshold, plain_time_s=plain_time,
-           stage_times_s=stage_times, head_times_s=head_times)
+    model, x = prepared(name, device, dtype, batch)
     rounds = 3 if device == "cpu" and (batch >= 256 or mode == "sample") else 5
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
-    if mode != "plain":
-        benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, benchmark.stats.stats.median,
-                                                   stage_times, head_times))
+    measure(benchmark, record, model, x, mode, dtype, name, rounds)
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,17 +102,4 @@ def mnist_model(out: str):
 def test_inference_mnist_natural_mix(benchmark, record, tmp_path_factory, mode):
     """The exit mix a trained model chooses on real test images (threshold 0.5)."""
     model, x = mnist_model(str(tmp_path_factory.getbasetemp() / "mnist-eenet8"))
-    exit_counts = torch.bincount(model.predict(x, mode="mask").exit, minlength=model.num_exits).tolist()
-    device = torch.device("cpu")
-    plain_time = bench.median_time(lambda: bench.plain_forward(model, x), device, 5)
-    stage_times, head_times = bench.segment_times(model, x, 5)
-    fn = functools.partial(bench.plain_forward, model, x) if mode == "plain" else functools.partial(
-        model.predict, x, mode=mode)
-    benchmark.group = "eenet8 mnist-sample natural mix cpu float32 batch 256"
-    record("cpu", torch.float32, model="eenet8-mnist", batch=256, mode=mode, input_shape=[1, 28, 28],
-           exit_counts=exit_counts, thresholds=model.threshold, plain_time_s=plain_time,
-           stage_times_s=stage_times, head_times_s=head_times)
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
-    if mode != "plain":
-        benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, benchmark.stats.stats.median,
-                                                   stage_times, head_times))
+    measure(benchmark, record, model, x, mode, torch.float32, "eenet8-mnist", rounds=5)
