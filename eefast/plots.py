@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -61,24 +61,32 @@ def plot_tradeoff(points: list[dict], path: Path, label: str, baseline: dict | N
 
 
 @torch.no_grad()
-def plot_exit_grid(model, dataset: Dataset, device, path: Path, per_exit: int = 12) -> None:
-    """A row of test images for each exit, the samples that exit took (Figs. 4.10-4.12)."""
+def samples_by_exit(model, dataset: Dataset, device, per_exit: int = 12) -> dict[int, list[tuple[torch.Tensor, int]]]:
+    """Up to ``per_exit`` (image, label) pairs that each exit took, drawn in a seeded random order
+    (datasets are often sorted by class)."""
     model.eval()
-    taken: dict[int, list[torch.Tensor]] = {n: [] for n in range(model.num_exits)}
-    for x, _ in DataLoader(dataset, batch_size=256):
+    taken: dict[int, list] = {n: [] for n in range(model.num_exits)}
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    for x, y in DataLoader(Subset(dataset, order), batch_size=256):
         exits = model.predict(x.to(device)).exit.cpu()
-        for image, n in zip(x, exits.tolist()):
+        for image, label, n in zip(x, y.tolist(), exits.tolist()):
             if len(taken[n]) < per_exit:
-                taken[n].append(image)
+                taken[n].append((image, label))
         if all(len(v) == per_exit for v in taken.values()):
             break
+    return taken
+
+
+def plot_exit_grid(model, dataset: Dataset, device, path: Path, per_exit: int = 12) -> None:
+    """A row of test images for each exit, the samples that exit took (Figs. 4.10-4.12)."""
+    taken = samples_by_exit(model, dataset, device, per_exit)
     fig, axes = plt.subplots(model.num_exits, per_exit, figsize=(per_exit * 0.9, model.num_exits * 1.0),
                              squeeze=False)
     for n, row in enumerate(axes):
         for i, ax in enumerate(row):
             ax.axis("off")
             if i < len(taken[n]):
-                image = taken[n][i]
+                image = taken[n][i][0]
                 image = (image - image.min()) / (image.max() - image.min() + 1e-8)
                 ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None)
         row[0].set_title(f"exit {n}", fontsize=8, loc="left")

@@ -195,3 +195,15 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_identical"] is True
     assert summary["test"]["samples"] == 1000  # evaluation shards reduced across ranks
+
+
+def test_exit_grid_draws_from_every_class():
+    """The MNIST sample's test split is sorted by class: the grid must not show only zeros."""
+    import eefast
+    from eefast.plots import samples_by_exit
+
+    model = eefast.create_model("eenet8")
+    model.threshold = 0.0  # everyone leaves at exit 0
+    taken = samples_by_exit(model, load_dataset("mnist-sample").test, "cpu", per_exit=12)
+    assert len(taken[0]) == 12 and taken[1] == [] and taken[2] == []
+    assert len({label for _, label in taken[0]}) >= 5
