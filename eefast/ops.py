@@ -46,7 +46,10 @@ def choose_impl(impl: str | None, tensor: Tensor) -> str:
         raise RuntimeError(f"impl='triton' was asked for, but Triton is unavailable ({TRITON_ERROR})")
     return impl
 
-__all__ = ["compact_exits", "compacted_memory_format", "check_compact_exits_args"]
+__all__ = [
+    "compact_exits", "compacted_memory_format", "check_compact_exits_args",
+    "exit_head", "eenet_loss", "eenet_loss_parts", "check_loss_args", "choose_impl", "HAS_TRITON", "IMPLS",
+]
 
 _COMPACT_OPS = ("compact_exits", "compact_exits_padded")
 # Devices with a compiled kernel, per op; decided once so dispatch is a dict lookup
