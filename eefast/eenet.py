@@ -321,12 +321,13 @@ class EENetLoss(nn.Module):
     def forward(self, output: EENetOutput, target: Tensor, costs: Tensor) -> Tensor:
         return ops.eenet_loss(output.logits, output.conf_logits, target, costs, self.lam, self.version, impl=self.impl)
 
-    @torch.no_grad()
-    def parts(self, output: EENetOutput, target: Tensor, costs: Tensor) -> tuple[Tensor, Tensor]:
-        """The loss's accuracy and cost terms (before lam): CE and mean C of exit 0 for v1, their
-        sums over the exits otherwise."""
+    def terms(self, output: EENetOutput, target: Tensor, costs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, accuracy term, cost term)`` from one computation of the per-exit parts; the terms
+        (before lam, detached) are CE and mean C of exit 0 for v1, their sums over the exits otherwise."""
         ce, cost = ops.eenet_loss_parts(output.logits, output.conf_logits, target, costs, impl=self.impl)
-        return (ce[0], cost[0]) if self.version == "v1" else (ce.sum(), cost.sum())
+        loss = reference.combine_loss_parts(ce, cost, self.lam, self.version)
+        ce_term, cost_term = (ce[0], cost[0]) if self.version == "v1" else (ce.sum(), cost.sum())
+        return loss, ce_term.detach(), cost_term.detach()
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, version={self.version!r}"

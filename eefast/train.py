@@ -292,8 +292,9 @@ class Trainer:
                 torch.set_rng_state(self.resume_rng)  # the RNG as it was when the run stopped here
             x, y = x.to(self.device), y.to(self.device)
             output = self.train_model(x)
-            loss = criterion(output, y, model.costs)
-            if not math.isfinite(loss.item()):
+            loss, ce, cost = criterion.terms(output, y, model.costs)
+            values = torch.stack([loss.detach(), ce, cost]).double().cpu()  # one read per step
+            if not math.isfinite(values[0].item()):
                 raise FloatingPointError(
                     f"the training loss is not finite at epoch {epoch + 1}, step {step + 1}; nothing of this "
                     f"step was applied, and the last good checkpoint is {self.out / 'last.pt'}"
@@ -301,8 +302,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            ce, cost = criterion.parts(output, y, model.costs)
-            sums += torch.tensor([loss.item(), ce.item(), cost.item()], dtype=torch.float64) * x.shape[0]
+            sums += values * x.shape[0]
             samples += x.shape[0]
             if interruption.signum is not None:
                 self._save_interrupted(epoch, step + 1, sums, samples, interruption.signum)

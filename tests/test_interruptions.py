@@ -96,18 +96,16 @@ def test_random_kills_then_resume_give_the_uninterrupted_weights(straight_run, t
 
 
 def test_nan_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_forward = EENetLoss.forward
+    real_terms = EENetLoss.terms  # what the training step calls
     calls = {"n": 0}
     steps_per_epoch = -(-3600 // 64)  # 57 batches of the 3,600 training images
 
     def poisoned(self, output, target, costs):
-        loss = real_forward(self, output, target, costs)
-        if not torch.is_grad_enabled():  # the validation loss
-            return loss
+        loss, ce, cost = real_terms(self, output, target, costs)
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] == steps_per_epoch + 5 else loss
+        return (loss * float("nan") if calls["n"] == steps_per_epoch + 5 else loss), ce, cost
 
-    monkeypatch.setattr(EENetLoss, "forward", poisoned)
+    monkeypatch.setattr(EENetLoss, "terms", poisoned)
     config = TrainConfig(model="eenet8", filters=2, batch_size=64, epochs=3, quiet=True, plots=False, out=str(tmp_path))
     with pytest.raises(FloatingPointError, match="not finite at epoch 2, step 5;.*last good checkpoint"):
         train(config)
