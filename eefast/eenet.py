@@ -8,6 +8,9 @@ each sample leaves at the first exit whose confidence reaches the threshold (Alg
 ``predict(x, mode=...)`` picks how the batch is run: ``compact`` (default: exited samples leave the
 batch, later stages compute only the rest), ``mask`` (every exit for every sample, no host
 synchronisation) or ``sample`` (one sample at a time, as the thesis's code did).
+In ``compact`` mode, ``plan_compaction(x)`` measures where removing rows pays on this device;
+at the other exits the exited rows ride along, masked, until the next compaction
+(``eefast.compaction``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from eefast import ops, reference
+from eefast.compaction import CompactionPlan, measure_compaction, record_deferred_exits
 from eefast.exits import ExitBlock
 from eefast.flops import count_flops, flop_profile
 from eefast.placement import exit_costs, exit_flops, place_exits
@@ -110,6 +114,7 @@ class EENet(nn.Module):
         self.register_buffer("costs", torch.tensor(exit_costs(profile, positions, head_flops)), persistent=False)
         self.threshold = threshold
         self.inference_mode = "compact"
+        self.compaction_plan: CompactionPlan | None = None  # None: compact at every exit
 
     # ---- construction from a torchvision ResNet ---------------------------------------------
 
@@ -197,42 +202,80 @@ class EENet(nn.Module):
         return EENetOutput(torch.stack([t.to(dtype) for t in logits]), conf)
 
     @torch.no_grad()
-    def predict(self, x: Tensor, mode: str = "compact") -> Prediction:
-        """Early-exit inference (Algorithm 1); the three modes give the same exits and logits."""
+    def predict(self, x: Tensor, mode: str = "compact", compact_at: Sequence[bool] | None = None) -> Prediction:
+        """Early-exit inference (Algorithm 1); every mode gives the same exits and logits.
+
+        ``compact_at`` (``compact`` mode only): for each early exit, whether the exited rows leave
+        the batch there; by default ``compaction_plan.decide(len(x))``, or every exit without a plan.
+        """
         if mode not in INFERENCE_MODES:
             raise ValueError(f"EENet.predict: expected mode in {INFERENCE_MODES}, got {mode!r}")
         self.check_input(x)
+        if compact_at is not None:
+            if mode != "compact":
+                raise ValueError(f"EENet.predict: compact_at applies to mode='compact', got mode={mode!r}")
+            compact_at = [bool(c) for c in compact_at]
+            if len(compact_at) != len(self.exits):
+                raise ValueError(
+                    f"EENet.predict: expected compact_at with {len(self.exits)} entries (one per early exit), "
+                    f"got {len(compact_at)}"
+                )
         if mode == "compact":
-            logits, exit_index = self._predict_compact(x)
+            if compact_at is None and self.compaction_plan is not None:
+                compact_at = self.compaction_plan.decide(x.shape[0])
+            logits, exit_index = self._predict_compact(x, compact_at)
         elif mode == "mask":
             logits, exit_index = self._predict_mask(x)
         else:
             logits, exit_index = self._predict_samples(x)
         return Prediction(logits, exit_index, self.costs[exit_index])
 
-    def _predict_compact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def plan_compaction(self, x: Tensor, repeats: int = 3) -> CompactionPlan:
+        """Measures this model on the batch ``x`` (its device, dtype, thresholds) and sets
+        ``compaction_plan``: ``compact`` mode then compacts only at the exits where it pays.
+        Plan again after changing the thresholds or the device; ``compaction_plan = None`` resets."""
+        was_training = self.training
+        self.eval()
+        try:
+            self.compaction_plan = measure_compaction(self, x, repeats)
+        finally:
+            self.train(was_training)
+        return self.compaction_plan
+
+    def _predict_compact(self, x: Tensor, compact_at: Sequence[bool] | None) -> tuple[Tensor, Tensor]:
         batch = x.shape[0]
+        # Outputs have one scratch row, ``batch``: rows that exit at a deferring exit take it as
+        # their index and ride along until a compaction removes them (writing only the scratch row).
+        discard = batch
         index = torch.arange(batch, device=x.device)  # original positions of the running rows
         out_logits = out_exit = None
+        riding = False  # rows that exited at a deferring exit are in the batch
         h = x
         for n, (stage, exit_block) in enumerate(zip(self.stages, self.exits)):
             h = stage(h)
             logits, conf_logits = exit_block(h)
             if out_logits is None:
-                out_logits = logits.new_empty(batch, self.num_classes)
-                out_exit = torch.full((batch,), -1, dtype=torch.int64, device=x.device)
+                out_logits = logits.new_empty(batch + 1, self.num_classes)
+                out_exit = torch.full((batch + 1,), -1, dtype=torch.int64, device=x.device)
+            confidence = conf_logits.sigmoid()
+            if compact_at is not None and not compact_at[n]:
+                index = record_deferred_exits(logits, confidence, index, self._threshold[n], n, out_logits, out_exit)
+                riding = True
+                continue
+            if riding:  # the rows that left earlier leave the batch now (confidence 1 >= any threshold)
+                confidence = confidence.masked_fill(index == discard, 1.0)
+                riding = False
             h, index = ops.compact_exits(
-                h, logits.to(out_logits.dtype), conf_logits.sigmoid(), index,
-                self._threshold[n], n, out_logits, out_exit,
+                h, logits.to(out_logits.dtype), confidence, index, self._threshold[n], n, out_logits, out_exit,
             )
             if h.shape[0] == 0:  # everyone has left
-                return out_logits, out_exit
+                return out_logits[:batch], out_exit[:batch]
         logits = self.classifier(self.stages[-1](h))
         if out_logits is None:  # no early exits: the plain backbone
             return logits, torch.full((batch,), 0, dtype=torch.int64, device=x.device)
-        out_logits.index_copy_(0, index, logits.to(out_logits.dtype))
+        out_logits.index_copy_(0, index, logits.to(out_logits.dtype))  # riding rows write the scratch row
         out_exit.index_fill_(0, index, len(self.exits))
-        return out_logits, out_exit
+        return out_logits[:batch], out_exit[:batch]
 
     def _predict_mask(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logits, conf_logits = self.forward_all(x)

@@ -113,16 +113,17 @@ def fuzz_model():
     batch=st.integers(0, 6),
     thresholds=st.lists(st.floats(0, 1), min_size=2, max_size=2),
     nan_rows=st.sets(st.integers(0, 5), max_size=3),
+    compact_at=st.lists(st.booleans(), min_size=2, max_size=2),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_inference_modes_agree(batch, thresholds, nan_rows, seed):
+def test_inference_modes_agree(batch, thresholds, nan_rows, compact_at, seed):
     model = fuzz_model()
     model.threshold = thresholds
     x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
     for row in nan_rows:
         if row < batch:
             x[row] = float("nan")
-    compact, mask = model.predict(x, mode="compact"), model.predict(x, mode="mask")
+    compact, mask = model.predict(x, mode="compact", compact_at=compact_at), model.predict(x, mode="mask")
     assert torch.equal(compact.exit, mask.exit)
     torch.testing.assert_close(compact.logits, mask.logits, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(compact.cost, mask.cost)
