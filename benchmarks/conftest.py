@@ -1,11 +1,19 @@
-"""Shared benchmark helpers: every result records the device, dtype, shapes and versions."""
+"""Shared benchmark helpers: every result records the device, dtype, shapes and versions.
+
+``EEFAST_BENCH_QUICK=1 pytest benchmarks/ --benchmark-disable`` runs every benchmark once on
+small shapes, without timing anything that matters: CI runs it so the suite cannot rot.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
 import torch
+
+
+QUICK = os.environ.get("EEFAST_BENCH_QUICK") == "1"
 
 
 def device_name(device: str) -> str:

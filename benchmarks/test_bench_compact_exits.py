@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import synchronize
+from benchmarks.conftest import QUICK, synchronize
 from eefast import _ext, reference
 
 FEATURES = (16, 32, 32)  # an EENet-110 stage-1 feature map
@@ -37,7 +37,7 @@ IMPLS = {
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("batch", [32, 256, 1024])
+@pytest.mark.parametrize("batch", [32] if QUICK else [32, 256, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 def test_compact_exits(benchmark, record, device, dtype, batch, impl):

@@ -17,24 +17,29 @@ import pytest
 import torch
 
 import eefast
+from benchmarks.conftest import QUICK
 from eefast import bench
 
 MIX = [0.5, 0.25, 0.15]  # the final exit takes the remaining 10 %
 MODELS = {"eenet110": {"num_exits": 3}, "eenet20": {"num_exits": 3}, "eenet50": {"num_exits": 3}}
 MODES = ["plain", "mask", "compact", "sample"]
-CALIBRATION = 256
+CALIBRATION = 16 if QUICK else 256
+CPU_BATCHES = (1, 8) if QUICK else (1, 32, 256)
+GPU_BATCHES = (1, 8) if QUICK else (1, 32, 256, 1024)
+REPEATS = 1 if QUICK else 3  # repeats of the plain network's and its segments' timings on the CPU
 
 CASES = [
-    pytest.param("cpu", torch.float32, batch, id=f"cpu-float32-{batch}") for batch in (1, 32, 256)
+    pytest.param("cpu", torch.float32, batch, id=f"cpu-float32-{batch}") for batch in CPU_BATCHES
 ] + [
     pytest.param("cuda", dtype, batch, id=f"cuda-{str(dtype)[6:]}-{batch}", marks=pytest.mark.cuda)
-    for dtype in (torch.float32, torch.bfloat16) for batch in (1, 32, 256, 1024)
+    for dtype in (torch.float32, torch.bfloat16) for batch in GPU_BATCHES
 ]
 
 
 @functools.lru_cache(maxsize=4)
 def prepared(name: str, device: str, dtype: torch.dtype, batch: int):
-    """A model with warmed batch-norm statistics and a batch, with thresholds for MIX."""
+    """A model with warmed batch-norm statistics, thresholds for MIX from a calibration batch,
+    and the first ``batch`` samples of that calibration batch."""
     torch.manual_seed(0)
     model = eefast.create_model(name, **MODELS[name]).to(device)
     model.train()
@@ -45,7 +50,7 @@ def prepared(name: str, device: str, dtype: torch.dtype, batch: int):
     generator = torch.Generator().manual_seed(1)
     calibration = torch.randn(max(CALIBRATION, batch), *model.input_shape, generator=generator).to(device, dtype)
     model.threshold = model.thresholds_for_fractions(calibration, MIX)
-    return model, calibration[:batch].contiguous()
+    return model, calibration[:batch].contiguous(), calibration
 
 
 def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: str, rounds: int) -> None:
@@ -53,7 +58,7 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
     time and segment times, and the speed-ups of eefast.bench."""
     device = x.device
     exit_counts = torch.bincount(model.predict(x, mode="mask").exit, minlength=model.num_exits).tolist()
-    repeats = 3 if device.type == "cpu" else 20
+    repeats = REPEATS if device.type == "cpu" else 20
     plain_time = bench.median_time(lambda: bench.plain_forward(model, x), device, repeats)
     stage_times, head_times = bench.segment_times(model, x, repeats)
     fn = functools.partial(bench.plain_forward, model, x) if mode == "plain" else functools.partial(
@@ -80,7 +85,9 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
 def test_inference(benchmark, record, device, dtype, batch, name, mode):
     if device == "cpu" and name == "eenet50" and batch == 256 and mode == "sample":
         pytest.skip("minutes on a 2-core CPU; the 256-sample loop is measured on eenet110 and eenet20")
-    model, x = prepared(name, device, dtype, batch)
+    if QUICK and name != "eenet20":
+        pytest.skip("quick mode: eenet20 only")
+    model, x, _ = prepared(name, device, dtype, batch)
     rounds = 3 if device == "cpu" and (batch >= 256 or mode == "sample") else 5
     measure(benchmark, record, model, x, mode, dtype, name, rounds)
 
@@ -91,10 +98,11 @@ def mnist_model(out: str):
     from eefast.data import load_dataset
     from eefast.train import TrainConfig, Trainer
 
-    trainer = Trainer(TrainConfig(model="eenet8", filters=4, exit_type="plain", epochs=10, quiet=True, plots=False,
-                                  out=out, device="cpu"))
+    trainer = Trainer(TrainConfig(model="eenet8", filters=4, exit_type="plain", epochs=1 if QUICK else 10, quiet=True,
+                                  plots=False, out=out, device="cpu"))
     trainer.run()
-    x = torch.stack([load_dataset("mnist-sample").test[i][0] for i in range(256)])
+    test = load_dataset("mnist-sample").test
+    x = torch.stack([test[i][0] for i in range(256)])
     return trainer.model.eval(), x
 
 
