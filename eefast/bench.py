@@ -76,23 +76,31 @@ def speedups(model: EENet, exit_counts: Sequence[int], plain_time: float, mode_t
 
 
 def report(paths: Sequence[str]) -> str:
-    """A table of the end-to-end inference results in pytest-benchmark JSON files."""
-    lines = [f"{'device':<28} {'model':<9} {'dtype':<8} {'batch':>5} {'mode':<8} {'ms/batch':>9} "
-             f"{'samples/s':>10} {'FLOP-ideal':>10} {'time-ideal':>10} {'realised':>8} {'effic.':>6}"]
+    """Tables of the results in pytest-benchmark JSON files: end-to-end inference (one row per
+    mode, with the speed-ups) and compaction policies (one row per policy, measured and predicted)."""
+    inference = [f"{'device':<28} {'model':<12} {'dtype':<8} {'batch':>5} {'mode':<8} {'ms/batch':>9} "
+                 f"{'samples/s':>10} {'FLOP-ideal':>10} {'time-ideal':>10} {'realised':>8} {'effic.':>6}"]
+    compaction = [f"{'device':<28} {'model':<12} {'dtype':<8} {'batch':>5} {'policy':<8} {'compact at':<10} "
+                  f"{'ms/batch':>9} {'predicted':>9}"]
     for path in paths:
         data = json.loads(open(path).read())
         for bench in data["benchmarks"]:
-            info = bench["extra_info"]
-            if "mode" not in info or "batch" not in info:
+            info, median = bench["extra_info"], bench["stats"]["median"]
+            if "batch" not in info:
                 continue
-            median = bench["stats"]["median"]
-            row = (f"{info['device'][:28]:<28} {info['model']:<9} {info['dtype']:<8} {info['batch']:>5} "
-                   f"{info['mode']:<8} {1e3 * median:>9.2f} {info['batch'] / median:>10.1f}")
-            if "efficiency" in info:
-                row += (f" {info['flop_ideal_speedup']:>10.2f} {info['time_ideal_speedup']:>10.2f} "
-                        f"{info['realised_speedup']:>8.2f} {info['efficiency']:>6.2f}")
-            lines.append(row)
-    return "\n".join(lines)
+            head = f"{info['device'][:28]:<28} {info['model']:<12} {info['dtype']:<8} {info['batch']:>5}"
+            if "policy" in info:
+                exits = ",".join(str(n) for n, c in enumerate(info["compact_at"]) if c) or "-"
+                predicted = info["predicted_ms"][info["policy"]]
+                compaction.append(f"{head} {info['policy']:<8} {exits:<10} {1e3 * median:>9.2f} {predicted:>9.2f}")
+            elif "mode" in info:
+                row = f"{head} {info['mode']:<8} {1e3 * median:>9.2f} {info['batch'] / median:>10.1f}"
+                if "efficiency" in info:
+                    row += (f" {info['flop_ideal_speedup']:>10.2f} {info['time_ideal_speedup']:>10.2f} "
+                            f"{info['realised_speedup']:>8.2f} {info['efficiency']:>6.2f}")
+                inference.append(row)
+    tables = [lines for lines in (inference, compaction) if len(lines) > 1]
+    return "\n\n".join("\n".join(lines) for lines in tables)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ class CompactionPlan:
         batch_sizes: the sizes the times were measured at, ascending.
         segment_times: [N+1][sizes] seconds of segment s (stage s and exit head s; the last stage
             and the classifier).
-        compact_times: [N][sizes] seconds of ``compact_exits`` at exit n (input rows; half leave).
+        compact_times: [N][sizes] seconds of ``compact_exits`` at exit n (input rows, of which the
+            share measured to exit there leaves).
         defer_times: [N][sizes] seconds of recording the exits at exit n without compacting.
         reach: [N+1] share of samples reaching segment s (reach[0] = 1).
         device: where it was measured; thresholds: the early exits' thresholds it was measured with.
@@ -208,10 +209,13 @@ def measure_compaction(model, x: Tensor, repeats: int = 3, batch_sizes: Sequence
         if last:
             break
         logits, conf_logits = model.exits[n](h)
+        leaving = 1.0 - reach[n + 1] / reach[n] if reach[n] > 0 else 1.0  # share of the rows here that exit
+        generator = torch.Generator().manual_seed(n)
         compact, defer = [], []
         for b in sizes:
-            confidence = torch.arange(b, device=device).remainder(2).to(h.dtype)  # half the rows leave
-            index = torch.arange(b, device=device)
+            confidence = torch.zeros(b, dtype=h.dtype)
+            confidence[torch.randperm(b, generator=generator)[: round(leaving * b)]] = 1.0
+            confidence, index = confidence.to(device), torch.arange(b, device=device)
             out_logits = logits.new_empty(b + 1, logits.shape[1])
             out_exit = torch.empty(b + 1, dtype=torch.int64, device=device)
             compact.append(median_time(lambda i=h[:b], l=logits[:b], c=confidence, j=index: ops.compact_exits(

@@ -25,12 +25,18 @@ def test_speedups_and_report(tmp_path):
     ideal = 1.0 + 0.5 * 0.5 + 0.3 * 0.25 + 0.2 * 0.1
     assert result["time_ideal_speedup"] == pytest.approx(2.0 / ideal)
     assert result["realised_speedup"] == 2.0 and result["efficiency"] == pytest.approx(ideal)
-    results = {"benchmarks": [{"stats": {"median": 0.5}, "extra_info": {
-        "device": "cpu", "model": "eenet20", "dtype": "float32", "batch": 256, "mode": "compact", **result}}]}
+    results = {"benchmarks": [
+        {"stats": {"median": 0.5}, "extra_info": {
+            "device": "cpu", "model": "eenet20", "dtype": "float32", "batch": 256, "mode": "compact", **result}},
+        {"stats": {"median": 0.25}, "extra_info": {
+            "device": "cpu", "model": "eenet20", "dtype": "float32", "batch": 32, "policy": "planned",
+            "compact_at": [True, False, True], "predicted_ms": {"planned": 240.5}}},
+    ]}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
-    table = bench.report([str(path)])
-    assert "eenet20" in table and "512.0" in table  # 256 samples in 0.5 s
+    inference, compaction = bench.report([str(path)]).split("\n\n")
+    assert "eenet20" in inference and "512.0" in inference  # 256 samples in 0.5 s
+    assert compaction.splitlines()[1].split()[-4:] == ["planned", "0,2", "250.00", "240.50"]
 
 
 def test_plain_forward_is_the_backbone():
