@@ -11,6 +11,7 @@ rank 0 alone writes files, and metrics are reduced across ranks.
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
 import math
@@ -66,6 +67,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # the Trainer created the process group, and destroys it when done
 
     @property
     def is_main(self) -> bool:
@@ -89,9 +91,10 @@ def setup_distributed(device: str) -> Distributed:
     use_cuda = resolve_device(device, local_rank).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, owns_group)
 
 
 def model_kwargs(config: TrainConfig, num_classes: int, input_shape) -> dict:
@@ -233,17 +236,38 @@ class Trainer:
         self.start_epoch = checkpoint["epoch"] + 1
         self.history = list(checkpoint["history"])
         self.best_loss, self.stale_epochs = checkpoint["best_loss"], checkpoint["stale_epochs"]
-        self.position = checkpoint.get("position")
-        if self.position is None:
+        position = checkpoint.get("position")
+        if position is None:
             torch.set_rng_state(checkpoint["rng_state"])
-        else:
-            self.resume_rng = checkpoint["rng_state"]
+        else:  # stopped mid-epoch: each rank goes on with its own loss sums and RNG state
+            ranks = position.get("ranks") or [  # checkpoints of eefast <= 0.1 hold one process's state
+                {"sums": position["sums"], "samples": position["samples"], "rng_state": checkpoint["rng_state"]}]
+            if len(ranks) != self.dist.world_size:
+                raise ValueError(
+                    f"--resume: {self.out / 'last.pt'} stopped mid-epoch with {len(ranks)} process(es); expected "
+                    f"the same number to resume it exactly, got {self.dist.world_size}"
+                )
+            mine = ranks[self.dist.rank]
+            self.position = {"epoch": position["epoch"], "step": position["step"], "sums": mine["sums"],
+                             "samples": mine["samples"]}
+            self.resume_rng = mine["rng_state"]
         if self.show:
             p = self.position
             where = f"epoch {p['epoch'] + 1}, step {p['step']}" if p else f"epoch {self.start_epoch}"
             print(f"resuming {self.out / 'last.pt'} after {where}")
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.dist.owns_group:
+                # Tear the group down while Python is alive: left to interpreter shutdown (DDP holds
+                # it), a gloo worker thread may take the GIL there and abort the process.
+                self.train_model = self.model
+                gc.collect()
+                dist.destroy_process_group()
+
+    def _run(self) -> dict:
         config, model = self.config, self.model
         if self.show:
             costs = ", ".join(f"{c:.3f}" for c in model.costs.tolist())
@@ -257,8 +281,9 @@ class Trainer:
                     break
                 means = self._train_epoch(epoch, interruption)
                 self._end_epoch(epoch, means)
-                if interruption.signum is not None:  # a signal during validation: the epoch is saved, stop
-                    raise TrainingInterrupted(128 + interruption.signum)
+                signum = self._stop_signal(interruption)
+                if signum is not None:  # a signal during validation: the epoch is saved, stop
+                    raise TrainingInterrupted(128 + signum)
         summary = self.finish()
         if self.dist.world_size > 1:
             dist.barrier()
@@ -304,9 +329,20 @@ class Trainer:
             optimizer.step()
             sums += values * x.shape[0]
             samples += x.shape[0]
-            if interruption.signum is not None:
-                self._save_interrupted(epoch, step + 1, sums, samples, interruption.signum)
+            signum = self._stop_signal(interruption)
+            if signum is not None:
+                self._save_interrupted(epoch, step + 1, sums, samples, signum)
         return _reduce_mean(sums / max(samples, 1), self.dist)
+
+    def _stop_signal(self, interruption: Interruption) -> int | None:
+        """The signal to stop on, checked after every step and epoch. Under torch.distributed the
+        ranks agree on it (an all-reduce of the flag), so every rank stops after the same step."""
+        signum = interruption.signum or 0
+        if self.dist.world_size > 1:
+            flag = torch.tensor([signum], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum or None
 
     def _state(self, epoch: int) -> dict:
         return {**self.payload, "model_state": self.model.state_dict(), "threshold": self.model.threshold,
@@ -342,17 +378,20 @@ class Trainer:
 
     def _save_interrupted(self, epoch: int, step: int, sums: torch.Tensor, samples: int, signum: int) -> None:
         """Writes a mid-epoch last.pt that --resume continues exactly, then exits with 128 + signum.
-        Under torch.distributed the ranks may stand at different steps: nothing is written, and a
-        resumed run restarts from the last finished epoch."""
-        single = self.dist.world_size == 1
-        if single:
-            position = {"epoch": epoch, "step": step, "sums": sums.tolist(), "samples": samples}
-            save_checkpoint(self.out / "last.pt", {**self._resumable(epoch - 1), "position": position})
+        Under torch.distributed every rank stopped after the same step (``_stop_signal``); rank 0
+        writes each rank's loss sums and RNG state, and the others wait until it has."""
+        mine = {"sums": sums.tolist(), "samples": samples, "rng_state": torch.get_rng_state()}
+        ranks = [mine]
+        if self.dist.world_size > 1:
+            ranks = [None] * self.dist.world_size
+            dist.all_gather_object(ranks, mine)
         if self.dist.is_main:
-            how = (f"resume with --resume (checkpoint {self.out / 'last.pt'})" if single
-                   else "--resume restarts from the last finished epoch")
-            print(f"{signal.Signals(signum).name}: stopped in epoch {epoch + 1} after step {step}; {how}",
-                  file=sys.stderr)
+            position = {"epoch": epoch, "step": step, "ranks": ranks}
+            save_checkpoint(self.out / "last.pt", {**self._resumable(epoch - 1), "position": position})
+            print(f"{signal.Signals(signum).name}: stopped in epoch {epoch + 1} after step {step}; resume with "
+                  f"--resume (checkpoint {self.out / 'last.pt'})", file=sys.stderr)
+        if self.dist.world_size > 1:
+            dist.barrier()  # a rank that exits first could have the launcher kill rank 0 mid-write
         raise TrainingInterrupted(128 + signum)
 
     def finish(self) -> dict:

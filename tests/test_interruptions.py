@@ -112,3 +112,57 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_pa
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["epoch"] == 0 and all(torch.isfinite(t).all() for t in last["model_state"].values()
                                       if t.is_floating_point())
+
+
+def torchrun(out: Path, *extra: str) -> subprocess.Popen:
+    """A 2-process CPU torchrun job (on a free port) in its own process group, so a test can signal all of it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "eefast", *DDP_ARGS, "--out", str(out), *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+DDP_ARGS = ["train", "--model", "eenet8", "--filters", "2", "--batch-size", "16", "--quiet", "--no-plots",
+            "--epochs", "2", "--device", "cpu"]
+
+
+def test_torchrun_job_stopped_mid_epoch_resumes_exactly(tmp_path):
+    """SIGTERM to every process of a 2-process job (as a scheduler or Ctrl-C sends): the ranks agree
+    on the step to stop after, rank 0 writes both ranks' state mid-epoch, and --resume with two
+    processes ends with the weights and history of the uninterrupted job."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    job = torchrun(straight)
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+
+    job = torchrun(stopped)
+    wait_for_epochs(job, stopped, 1)
+    time.sleep(0.3)  # into epoch 2 (about 110 steps of 16 samples per rank)
+    os.killpg(job.pid, signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode != 0
+    position = load_checkpoint(stopped / "last.pt")["position"]
+    assert position["epoch"] == 1 and position["step"] > 0 and len(position["ranks"]) == 2, stderr[-3000:]
+    assert "SIGTERM: stopped in epoch 2 after step" in stderr
+
+    job = torchrun(stopped, "--resume")
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+    assert_same_final_weights(straight, stopped)
+
+
+def test_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(straight_run, tmp_path):
+    process = start(tmp_path)
+    wait_for_epochs(process, tmp_path, 1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=300)
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    if "position" not in checkpoint:
+        pytest.skip("the signal landed between epochs")
+    checkpoint["position"]["ranks"] *= 2  # as if written by a 2-process job
+    torch.save(checkpoint, tmp_path / "last.pt")
+    result = subprocess.run([sys.executable, "-m", "eefast", *ARGS, "--out", str(tmp_path), "--resume"], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "stopped mid-epoch with 2 process(es); expected the same number to resume it exactly, got 1" in result.stderr
