@@ -90,6 +90,14 @@ class CompactionPlan:
     def num_early_exits(self) -> int:
         return len(self.reach) - 1
 
+    def mismatch(self, device: torch.device | str, thresholds: Sequence[float]) -> str | None:
+        """Why the plan does not describe a model on ``device`` with ``thresholds`` (None if it does)."""
+        if str(device) != self.device:
+            return f"was measured on {self.device}, the input is on {device}"
+        if tuple(thresholds) != tuple(self.thresholds):
+            return f"was measured with thresholds {list(self.thresholds)}, the model has {list(thresholds)}"
+        return None
+
     def _time(self, table: Sequence[Sequence[float]], n: int, rows: float) -> float:
         return interpolate(self.batch_sizes, table[n], rows)
 

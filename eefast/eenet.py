@@ -15,6 +15,7 @@ at the other exits the exited rows ride along, masked, until the next compaction
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -221,8 +222,14 @@ class EENet(nn.Module):
                     f"got {len(compact_at)}"
                 )
         if mode == "compact":
-            if compact_at is None and self.compaction_plan is not None:
-                compact_at = self.compaction_plan.decide(x.shape[0])
+            plan = self.compaction_plan
+            if compact_at is None and plan is not None:
+                stale = plan.mismatch(x.device, self._threshold)
+                if stale is None:
+                    compact_at = plan.decide(x.shape[0])
+                else:
+                    warnings.warn(f"EENet: the compaction plan {stale}; compacting at every exit until "
+                                  f"plan_compaction is called again", stacklevel=2)
             logits, exit_index = self._predict_compact(x, compact_at)
         elif mode == "mask":
             logits, exit_index = self._predict_mask(x)
@@ -233,7 +240,8 @@ class EENet(nn.Module):
     def plan_compaction(self, x: Tensor, repeats: int = 3) -> CompactionPlan:
         """Measures this model on the batch ``x`` (its device, dtype, thresholds) and sets
         ``compaction_plan``: ``compact`` mode then compacts only at the exits where it pays.
-        Plan again after changing the thresholds or the device; ``compaction_plan = None`` resets."""
+        A plan measured with other thresholds or on another device warns and is not used (plan again);
+        ``compaction_plan = None`` resets."""
         was_training = self.training
         self.eval()
         try:

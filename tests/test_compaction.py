@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -190,8 +191,8 @@ def test_plan_compaction_measures_and_is_used(monkeypatch):
     calls = []
     compact = ops.compact_exits
     monkeypatch.setattr(ops, "compact_exits", lambda *a, **k: calls.append(1) or compact(*a, **k))
-    model.compaction_plan = plan_from([gpu_like(1_000)] * 4, [lambda b: 1.0] * 3, [lambda b: 0.0] * 3,
-                                      [1.0, 0.5, 0.25, 0.125])
+    never_pays = plan_from([gpu_like(1_000)] * 4, [lambda b: 1.0] * 3, [lambda b: 0.0] * 3, [1.0, 0.5, 0.25, 0.125])
+    model.compaction_plan = dataclasses.replace(never_pays, thresholds=tuple(model.threshold))
     never = model.predict(x)
     assert calls == []  # compaction never pays under this plan: every exit deferred
     model.compaction_plan = None
@@ -199,6 +200,25 @@ def test_plan_compaction_measures_and_is_used(monkeypatch):
     assert len(calls) == 3
     assert torch.equal(never.exit, always.exit)
     torch.testing.assert_close(never.logits, always.logits)  # convolutions on 1-row batches round differently
+
+
+def test_a_stale_plan_warns_and_compacts_everywhere(monkeypatch):
+    model = warmed_model("eenet20")
+    x = torch.randn(8, *model.input_shape)
+    model.threshold = [0.4, 0.6]
+    model.compaction_plan = dataclasses.replace(
+        plan_from([gpu_like(1_000)] * 3, [lambda b: 1.0] * 2, [lambda b: 0.0] * 2, [1.0, 0.5, 0.25]),
+        thresholds=(0.4, 0.6))
+    calls = []
+    compact = ops.compact_exits
+    monkeypatch.setattr(ops, "compact_exits", lambda *a, **k: calls.append(1) or compact(*a, **k))
+    model.predict(x)
+    assert calls == []  # the plan holds: never compact
+    model.threshold = 0.5
+    with pytest.warns(UserWarning, match=r"measured with thresholds \[0.4, 0.6\], the model has \[0.5, 0.5\]"):
+        model.predict(x)
+    assert len(calls) == 2
+    assert model.compaction_plan.mismatch("cuda:0", [0.4, 0.6]) == "was measured on cpu, the input is on cuda:0"
 
 
 def test_plan_compaction_checks_its_batch():
