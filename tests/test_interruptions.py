@@ -151,7 +151,7 @@ def test_torchrun_job_stopped_mid_epoch_resumes_exactly(tmp_path):
     assert_same_final_weights(straight, stopped)
 
 
-def test_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(straight_run, tmp_path):
+def test_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(tmp_path):
     process = start(tmp_path)
     wait_for_epochs(process, tmp_path, 1)
     time.sleep(0.3)
