@@ -4,7 +4,7 @@
     python -m eefast.bench benchmarks/results/cpu-compaction.json
 
 The plan (``EENet.plan_compaction``) is measured once per model on the calibration batch (the
-50/25/15/10 mix of test_bench_inference) and then decides for each batch size. Each result's
+50/25/15/10 mix of benchmarks/workloads.py) and then decides for each batch size. Each result's
 extra_info holds the decisions, the plan's predicted time for this policy and for the others, and
 the plan's tables, so a run shows both when compaction pays and how well the cost model predicts it.
 """
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import QUICK, synchronize
-from benchmarks.test_bench_inference import prepared
+from benchmarks.workloads import controlled_mix
+from eefast.compaction import measure_compaction
 
 POLICIES = ["always", "never", "planned"]
 CPU_CASES = [("eenet20", 8)] if QUICK else [("eenet20", b) for b in (1, 8, 32, 256)] + [("eenet110", 256)]
@@ -33,18 +34,19 @@ CASES = [
 
 @functools.lru_cache(maxsize=4)
 def planned_model(name: str, device: str, dtype: torch.dtype):
-    """The benchmark model (largest calibration batch) with a compaction plan measured on it."""
-    model, _, calibration = prepared(name, device, dtype, 1)
-    model.plan_compaction(calibration, repeats=1 if QUICK else 3)
-    return model, calibration
+    """The benchmark model, its batch (as many samples as the largest case) and a plan measured on it
+    (not set on the model, which the inference benchmarks share)."""
+    largest = max(batch for model, batch in (GPU_CASES if device == "cuda" else CPU_CASES) if model == name)
+    model, calibration = controlled_mix(name, device, dtype, largest)
+    return model, calibration, measure_compaction(model, calibration, repeats=1 if QUICK else 3)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("device, dtype, name, batch", CASES)
 def test_compaction_policy(benchmark, record, device, dtype, name, batch, policy):
-    model, calibration = planned_model(name, device, dtype)
+    model, calibration, plan = planned_model(name, device, dtype)
     x = calibration[:batch].contiguous()
-    plan = model.compaction_plan
+    assert x.shape[0] == batch, f"expected a batch of {batch}, the calibration batch has {calibration.shape[0]}"
     early = len(model.exits)
     choices = {"always": (True,) * early, "never": (False,) * early, "planned": plan.decide(batch)}
     compact_at = choices[policy]

@@ -3,8 +3,8 @@
     pytest benchmarks/test_bench_inference.py --benchmark-only --benchmark-json benchmarks/results/cpu-inference.json
     python -m eefast.bench benchmarks/results/cpu-inference.json
 
-A controlled exit mix: per-exit thresholds from the confidences of a calibration batch so that
-50 / 25 / 15 / 10 % of the samples leave at successive exits (eefast.EENet.thresholds_for_fractions).
+A controlled exit mix (benchmarks/workloads.py): per-exit thresholds from the confidences of a
+calibration batch so that 50 / 25 / 15 / 10 % of the samples leave at successive exits.
 Each result's extra_info holds the exit histogram, the plain network's time and its segments'
 times, and the FLOP-ideal, time-ideal and realised speed-ups and the efficiency (eefast.bench).
 """
@@ -16,14 +16,11 @@ import functools
 import pytest
 import torch
 
-import eefast
 from benchmarks.conftest import QUICK
+from benchmarks.workloads import MODELS, controlled_mix
 from eefast import bench
 
-MIX = [0.5, 0.25, 0.15]  # the final exit takes the remaining 10 %
-MODELS = {"eenet110": {"num_exits": 3}, "eenet20": {"num_exits": 3}, "eenet50": {"num_exits": 3}}
 MODES = ["plain", "mask", "compact", "sample"]
-CALIBRATION = 16 if QUICK else 256
 CPU_BATCHES = (1, 8) if QUICK else (1, 32, 256)
 GPU_BATCHES = (1, 8) if QUICK else (1, 32, 256, 1024)
 REPEATS = 1 if QUICK else 3  # repeats of the plain network's and its segments' timings on the CPU
@@ -36,21 +33,10 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=4)
 def prepared(name: str, device: str, dtype: torch.dtype, batch: int):
-    """A model with warmed batch-norm statistics, thresholds for MIX from a calibration batch,
-    and the first ``batch`` samples of that calibration batch."""
-    torch.manual_seed(0)
-    model = eefast.create_model(name, **MODELS[name]).to(device)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(16, *model.input_shape, device=device))
-    model = model.to(dtype).eval()
-    generator = torch.Generator().manual_seed(1)
-    calibration = torch.randn(max(CALIBRATION, batch), *model.input_shape, generator=generator).to(device, dtype)
-    model.threshold = model.thresholds_for_fractions(calibration, MIX)
-    return model, calibration[:batch].contiguous(), calibration
+    """The model with the controlled mix and the first ``batch`` samples of its calibration batch."""
+    model, calibration = controlled_mix(name, device, dtype, batch)
+    return model, calibration[:batch].contiguous()
 
 
 def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: str, rounds: int) -> None:
@@ -87,7 +73,7 @@ def test_inference(benchmark, record, device, dtype, batch, name, mode):
         pytest.skip("minutes on a 2-core CPU; the 256-sample loop is measured on eenet110 and eenet20")
     if QUICK and name != "eenet20":
         pytest.skip("quick mode: eenet20 only")
-    model, x, _ = prepared(name, device, dtype, batch)
+    model, x = prepared(name, device, dtype, batch)
     rounds = 3 if device == "cpu" and (batch >= 256 or mode == "sample") else 5
     measure(benchmark, record, model, x, mode, dtype, name, rounds)
 
