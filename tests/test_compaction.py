@@ -149,6 +149,20 @@ def test_every_choice_of_compacting_exits_gives_the_same_prediction(name, kwargs
         assert pred.logits.shape == (24, model.num_classes) and pred.logits.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_deferred_exits_in_half_precision(dtype):
+    """Deferred exits record half-precision logits as they are; the scratch row and the
+    confidence of 1 that removes riding rows are exact in every dtype."""
+    model = warmed_model("eenet20", num_exits=3).to(dtype)
+    x = torch.randn(24, *model.input_shape).to(dtype)
+    model.threshold = model.thresholds_for_fractions(x, [0.4, 0.2, 0.2])
+    mask = model.predict(x, mode="mask")
+    for compact_at in itertools.product([False, True], repeat=3):
+        pred = model.predict(x, compact_at=compact_at)
+        assert pred.logits.dtype == dtype and torch.equal(pred.exit, mask.exit), compact_at
+        torch.testing.assert_close(pred.logits, mask.logits, rtol=0, atol=0)
+
+
 def test_deferred_exits_keep_the_rows_until_the_next_compaction():
     model = warmed_model("eenet20", num_exits=3)
     x = torch.randn(16, *model.input_shape)
