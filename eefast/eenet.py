@@ -159,6 +159,7 @@ class EENet(nn.Module):
         if not all(0.0 <= v <= 1.0 for v in values):
             raise ValueError(f"EENet: expected thresholds in [0, 1], got {values}")
         self._threshold = values
+        self._threshold_tensors: dict[torch.device, Tensor] = {}  # the values on each device mask mode ran on
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -287,7 +288,9 @@ class EENet(nn.Module):
 
     def _predict_mask(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logits, conf_logits = self.forward_all(x)
-        thresholds = torch.tensor(self._threshold, device=x.device)
+        thresholds = self._threshold_tensors.get(x.device)
+        if thresholds is None:  # copied once per device and setting, not on every call (a host sync on GPUs)
+            thresholds = self._threshold_tensors[x.device] = torch.tensor(self._threshold, device=x.device)
         exit_index = reference.first_confident_exit(conf_logits.sigmoid(), thresholds)
         return logits[exit_index, torch.arange(x.shape[0], device=x.device)], exit_index
 

@@ -244,6 +244,20 @@ def test_plan_compaction_checks_its_batch():
 
 
 @pytest.mark.cuda
+def test_cuda_mask_mode_never_synchronises():
+    model = warmed_model("eenet20", num_exits=3).cuda()
+    x = torch.randn(64, *model.input_shape, device="cuda")
+    model.threshold = model.thresholds_for_fractions(x, [0.5, 0.25, 0.125])
+    model.predict(x, mode="mask")  # warm up (copies the thresholds to the device once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.predict(x, mode="mask")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
 def test_cuda_host_reads_are_at_most_one_per_compacting_exit():
     """Deferred exits never synchronise; each compacting exit reads the survivor count once."""
     import warnings

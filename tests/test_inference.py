@@ -147,6 +147,18 @@ def test_per_exit_thresholds_and_errors():
         model.predict(torch.randn(1, 3, 32, 32), mode="fast")
 
 
+def test_mask_mode_follows_threshold_changes():
+    """Mask mode keeps the thresholds on the device between calls; a new setting replaces them."""
+    model = warmed_model("eenet20")
+    x = torch.randn(6, 3, 32, 32)
+    model.threshold = 1.0
+    assert (model.predict(x, mode="mask").exit == 2).all()
+    model.threshold = 0.0
+    assert (model.predict(x, mode="mask").exit == 0).all()
+    model.threshold = [1.0, 0.0]
+    assert (model.predict(x, mode="mask").exit == 1).all()
+
+
 @pytest.mark.parametrize(
     "shape, message",
     [
