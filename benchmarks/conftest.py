@@ -12,6 +12,8 @@ import platform
 import pytest
 import torch
 
+from eefast.timing import synchronize  # re-exported: the benchmarks wait for the device with it
+
 
 QUICK = os.environ.get("EEFAST_BENCH_QUICK") == "1"
 
@@ -20,11 +22,6 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.conftest import QUICK
+from benchmarks.conftest import QUICK, synchronize
 from benchmarks.workloads import MODELS, controlled_mix
 from eefast import bench
 
@@ -52,8 +52,7 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
 
     def run():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
 
     benchmark.group = f"{label} {device.type} {str(dtype)[6:]} batch {x.shape[0]}"
     record(device.type, dtype, model=label, batch=x.shape[0], mode=mode, input_shape=list(model.input_shape),

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from eefast.eenet import EENet
-from eefast.timing import median_time
+from eefast.timing import median_time, segment_times
 
 
 @torch.no_grad()
@@ -33,22 +33,6 @@ def plain_forward(model: EENet, x: torch.Tensor) -> torch.Tensor:
     for stage in model.stages:
         x = stage(x)
     return model.classifier(x)
-
-
-@torch.no_grad()
-def segment_times(model: EENet, x: torch.Tensor, repeats: int = 5) -> tuple[list[float], list[float]]:
-    """Time of each stage (the last one with the classifier) and of each exit head, on the full batch."""
-    device = x.device
-    stage_times, head_times = [], []
-    h = x
-    for n, stage in enumerate(model.stages):
-        last = n == len(model.stages) - 1
-        run = (lambda s=stage, i=h: model.classifier(s(i))) if last else (lambda s=stage, i=h: s(i))
-        stage_times.append(median_time(run, device, repeats))
-        if not last:
-            h = stage(h)
-            head_times.append(median_time(lambda e=model.exits[n], i=h: e(i), device, repeats))
-    return stage_times, head_times
 
 
 def ideal_time(stage_times: Sequence[float], head_times: Sequence[float], exit_counts: Sequence[int]) -> float:

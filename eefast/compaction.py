@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from eefast import ops
-from eefast.timing import median_time
+from eefast.timing import median_time, segment_times
 
 
 def interpolate(batch_sizes: Sequence[int], times: Sequence[float], rows: float) -> float:
@@ -206,17 +206,16 @@ def measure_compaction(model, x: Tensor, repeats: int = 3, batch_sizes: Sequence
     counts = torch.bincount(exits, minlength=model.num_exits).tolist()
     reach = tuple(sum(counts[n:]) / x.shape[0] for n in range(model.num_exits))
 
-    segment_times, compact_times, defer_times = [], [], []
+    per_size = [segment_times(model, x[:b], repeats) for b in sizes]  # ([stage s], [head s]) at each size
+    segments = tuple(
+        tuple(stages[s] + (heads[s] if s < len(heads) else 0.0) for stages, heads in per_size)
+        for s in range(len(model.stages))
+    )
+    compact_times, defer_times = [], []
     h = x
-    for n, stage in enumerate(model.stages):
-        last = n == len(model.stages) - 1
-        head = model.classifier if last else model.exits[n]
-        segment_times.append(tuple(
-            median_time(lambda i=h[:b]: head(stage(i)), device, repeats) for b in sizes))
+    for n, (stage, exit_block) in enumerate(zip(model.stages, model.exits)):
         h = stage(h)
-        if last:
-            break
-        logits, conf_logits = model.exits[n](h)
+        logits, conf_logits = exit_block(h)
         leaving = 1.0 - reach[n + 1] / reach[n] if reach[n] > 0 else 1.0  # share of the rows here that exit
         generator = torch.Generator().manual_seed(n)
         compact, defer = [], []
@@ -232,5 +231,5 @@ def measure_compaction(model, x: Tensor, repeats: int = 3, batch_sizes: Sequence
                 l, c.sigmoid(), j, 0.5, n, out_logits, out_exit), device, repeats))
         compact_times.append(tuple(compact))
         defer_times.append(tuple(defer))
-    return CompactionPlan(sizes, tuple(segment_times), tuple(compact_times), tuple(defer_times), reach,
+    return CompactionPlan(sizes, segments, tuple(compact_times), tuple(defer_times), reach,
                           str(device), tuple(model.threshold))

@@ -29,3 +29,20 @@ def median_time(fn: Callable[[], object], device: torch.device | str, repeats: i
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def segment_times(model, x: torch.Tensor, repeats: int = 5) -> tuple[list[float], list[float]]:
+    """Time of each stage of an ``EENet`` (the last one with the classifier) and of each exit
+    head, on the batch ``x``: medians of ``repeats`` runs."""
+    device = x.device
+    stage_times, head_times = [], []
+    h = x
+    for n, stage in enumerate(model.stages):
+        last = n == len(model.stages) - 1
+        run = (lambda s=stage, i=h: model.classifier(s(i))) if last else (lambda s=stage, i=h: s(i))
+        stage_times.append(median_time(run, device, repeats))
+        if not last:
+            h = stage(h)
+            head_times.append(median_time(lambda e=model.exits[n], i=h: e(i), device, repeats))
+    return stage_times, head_times
