@@ -94,12 +94,12 @@ def test_decide_is_the_fastest_of_all_choices():
     rng = random.Random(0)
     for _ in range(200):
         early = rng.randint(0, 4)
-        tables = [[lambda b, a=rng.uniform(1e-5, 1e-3), w=rng.choice([1, 16, 128]): a * max(1.0, b / w)
-                   for _ in range(early + 1)]]
+        segment = [lambda b, a=rng.uniform(1e-5, 1e-3), w=rng.choice([1, 16, 128]): a * max(1.0, b / w)
+                   for _ in range(early + 1)]
         compact = [lambda b, a=rng.uniform(0, 1e-3): a for _ in range(early)]
         defer = [lambda b, a=rng.uniform(0, 1e-4): a for _ in range(early)]
         reach = sorted((rng.random() for _ in range(early)), reverse=True)
-        plan = plan_from(tables[0], compact, defer, [1.0, *reach])
+        plan = plan_from(segment, compact, defer, [1.0, *reach])
         for batch in (1, 7, 64, 300):
             decisions = plan.decide(batch)
             assert plan.predicted_time(batch, decisions) == pytest.approx(brute_force(plan, batch), rel=1e-12)
