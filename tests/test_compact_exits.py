@@ -255,7 +255,7 @@ def test_cuda_large_batch_vectorised_rows(extension):
     """Many rows (more than one grid of blocks) and rows of 16-byte multiples and odd sizes."""
     for features in [(64, 8, 8), (3, 7, 7), (1,)]:
         inputs, batch, classes = make_inputs((70_000, features, 10, 70_000), "random", torch.float32, device="cuda")
-        assert_same(run(compiled_op, inputs, batch, classes), expected(inputs, THRESHOLD, 0, batch, classes))
+        assert_same(run(compiled_op, inputs, batch, classes), expected(inputs, THRESHOLD, 2, batch, classes))
 
 
 @pytest.mark.cuda
