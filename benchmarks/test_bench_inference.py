@@ -26,10 +26,11 @@ GPU_BATCHES = (1, 8) if QUICK else (1, 32, 256, 1024)
 REPEATS = 1 if QUICK else 3  # repeats of the plain network's and its segments' timings on the CPU
 
 CASES = [
-    pytest.param("cpu", torch.float32, batch, id=f"cpu-float32-{batch}") for batch in CPU_BATCHES
+    pytest.param("cpu", torch.float32, batch, False, id=f"cpu-float32-{batch}") for batch in CPU_BATCHES
 ] + [
-    pytest.param("cuda", dtype, batch, id=f"cuda-{str(dtype)[6:]}-{batch}", marks=pytest.mark.cuda)
-    for dtype in (torch.float32, torch.bfloat16) for batch in GPU_BATCHES
+    pytest.param("cuda", dtype, batch, graphs, id=f"cuda-{str(dtype)[6:]}-{batch}{'-graphs' if graphs else ''}",
+                 marks=pytest.mark.cuda)
+    for dtype in (torch.float32, torch.bfloat16) for batch in GPU_BATCHES for graphs in (False, True)
 ]
 
 
@@ -39,26 +40,37 @@ def prepared(name: str, device: str, dtype: torch.dtype, batch: int):
     return model, calibration[:batch].contiguous()
 
 
-def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: str, rounds: int) -> None:
+def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: str, rounds: int,
+            graphs: bool = False) -> None:
     """Benchmarks one mode on (model, x); extra_info gets the exit histogram, the plain network's
-    time and segment times, and the speed-ups of eefast.bench."""
+    time and segment times, and the speed-ups of eefast.bench. With ``graphs`` the EENet replays
+    its segments from CUDA graphs, and the plain network and the segments of the time ideal are
+    graphed too."""
     device = x.device
     exit_counts = torch.bincount(model.predict(x, mode="mask").exit, minlength=model.num_exits).tolist()
     repeats = REPEATS if device.type == "cpu" else 20
-    plain_time = bench.median_time(lambda: bench.plain_forward(model, x), device, repeats)
-    stage_times, head_times = bench.segment_times(model, x, repeats)
-    fn = functools.partial(bench.plain_forward, model, x) if mode == "plain" else functools.partial(
-        model.predict, x, mode=mode)
+    try:
+        if graphs:
+            model.use_cuda_graphs()
+            plain = bench.graphed_plain_forward(model, x)
+            stage_times, head_times = bench.graphed_segment_times(model, x, repeats), [0.0] * len(model.exits)
+        else:
+            plain = functools.partial(bench.plain_forward, model, x)
+            stage_times, head_times = bench.segment_times(model, x, repeats)
+        plain_time = bench.median_time(plain, device, repeats)
+        fn = plain if mode == "plain" else functools.partial(model.predict, x, mode=mode)
 
-    def run():
-        fn()
-        synchronize(device)
+        def run():
+            fn()
+            synchronize(device)
 
-    benchmark.group = f"{label} {device.type} {str(dtype)[6:]} batch {x.shape[0]}"
-    record(device.type, dtype, model=label, batch=x.shape[0], mode=mode, input_shape=list(model.input_shape),
-           exit_counts=exit_counts, thresholds=model.threshold, plain_time_s=plain_time,
-           stage_times_s=stage_times, head_times_s=head_times)
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+        benchmark.group = f"{label} {device.type} {str(dtype)[6:]} batch {x.shape[0]}{' graphs' if graphs else ''}"
+        record(device.type, dtype, model=label, batch=x.shape[0], mode=mode, cuda_graphs=graphs,
+               input_shape=list(model.input_shape), exit_counts=exit_counts, thresholds=model.threshold,
+               plain_time_s=plain_time, stage_times_s=stage_times, head_times_s=head_times)
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+    finally:
+        model.use_cuda_graphs(False)  # the model is shared between benchmarks
     if mode != "plain" and benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, benchmark.stats.stats.median,
                                                    stage_times, head_times))
@@ -66,15 +78,17 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("device, dtype, batch", CASES)
-def test_inference(benchmark, record, device, dtype, batch, name, mode):
+@pytest.mark.parametrize("device, dtype, batch, graphs", CASES)
+def test_inference(benchmark, record, device, dtype, batch, graphs, name, mode):
+    if graphs and mode == "sample":
+        pytest.skip("one sample at a time is not graphed")
     if device == "cpu" and name == "eenet50" and batch == 256 and mode == "sample":
         pytest.skip("minutes on a 2-core CPU; the 256-sample loop is measured on eenet110 and eenet20")
     if QUICK and name != "eenet20":
         pytest.skip("quick mode: eenet20 only")
     model, x = prepared(name, device, dtype, batch)
     rounds = 3 if device == "cpu" and (batch >= 256 or mode == "sample") else 5
-    measure(benchmark, record, model, x, mode, dtype, name, rounds)
+    measure(benchmark, record, model, x, mode, dtype, name, rounds, graphs)
 
 
 @functools.lru_cache(maxsize=1)

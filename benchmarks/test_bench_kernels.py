@@ -8,11 +8,15 @@ the peak memory of one step beyond its inputs.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+import eefast
 from benchmarks.conftest import synchronize
 from eefast import ops, reference
+from eefast.graphs import capture
 
 pytestmark = [
     pytest.mark.cuda,
@@ -21,14 +25,15 @@ pytestmark = [
 PASSES = ["forward", "backward", "both"]
 
 
-def timed_step(benchmark, step, inputs, passes):
-    """Benchmarks ``passes`` of ``step(*inputs) -> scalar`` and records quantiles and peak memory."""
+def timed_step(benchmark, step, inputs, passes, forward=None):
+    """Benchmarks ``passes`` of ``step(*inputs) -> scalar`` and records quantiles and peak memory.
+    The forward pass times ``forward(*inputs)`` (default ``step``) without autograd."""
     grads_of = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
     if passes == "forward":
         def run():
             with torch.no_grad():
-                step(*inputs)
+                (forward or step)(*inputs)
             synchronize("cuda")
     elif passes == "backward":
         def run():
@@ -41,6 +46,11 @@ def timed_step(benchmark, step, inputs, passes):
             torch.autograd.grad(step(*inputs), grads_of)
             synchronize("cuda")
 
+    timed(benchmark, run)
+
+
+def timed(benchmark, run):
+    """Benchmarks ``run`` (which waits for the device) and records quantiles and peak memory."""
     run()  # compile / warm up
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -69,13 +79,45 @@ def test_exit_head(benchmark, record, dtype, kind, impl, passes):
                                      torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda"),
                                      training=True)
 
+    def head(x, *params):
+        return ops.exit_head(x, kind, *params, bn, impl=impl)
+
     def step(x, *params):
-        logits, conf = ops.exit_head(x, kind, *params, bn, impl=impl)
+        logits, conf = head(x, *params)
         return logits.float().square().mean() + conf.float().mean()
 
     benchmark.group = f"exit_head {kind} {str(dtype).removeprefix('torch.')} {passes}"
     record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl, passes=passes)
-    timed_step(benchmark, step, [x, *params], passes)
+    timed_step(benchmark, step, [x, *params], passes, forward=head)
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["call", "graph-replay"])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["pool", "bnpool"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_exit_block_inference(benchmark, record, dtype, kind, impl, graphed):
+    """An ExitBlock in eval mode without autograd, as early-exit inference runs it: one call from
+    Python (host time counts), or one replay of a CUDA graph of the call (device time)."""
+    batch, channels, size, classes = 256, 64, 8, 10
+    torch.manual_seed(0)
+    block = eefast.ExitBlock(channels, classes, kind, impl=impl).cuda().to(dtype).eval()
+    x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype)
+    if graphed:
+        with torch.no_grad():
+            graph = capture(block, x)
+        call = graph.replay
+    else:
+        call = functools.partial(block, x)
+
+    def run():
+        with torch.no_grad():
+            call()
+        synchronize("cuda")
+
+    benchmark.group = f"exit block inference {kind} {str(dtype).removeprefix('torch.')} {'graph replay' if graphed else 'call'}"
+    record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl,
+           passes="inference", graphed=graphed)
+    timed(benchmark, run)
 
 
 @pytest.mark.parametrize("passes", PASSES)

@@ -8,7 +8,8 @@ the pieces of the plain network, and derives:
   exact exit costs);
 - time ideal: each segment between exits timed in the plain network on the full batch, times
   the fraction of samples that reach it, plus the exit heads timed the same way; its speed-up
-  is plain time over that;
+  is plain time over that (with CUDA graphs: the plain network in one graph, and each segment
+  with its exit head replayed from its graph);
 - realised speed-up (plain time over the mode's time) and efficiency (realised over the time
   ideal: 1.0 means the early-exit machinery costs nothing).
 
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from eefast.eenet import EENet
+from eefast.graphs import capture
 from eefast.timing import median_time, segment_times
 
 
@@ -33,6 +35,32 @@ def plain_forward(model: EENet, x: torch.Tensor) -> torch.Tensor:
     for stage in model.stages:
         x = stage(x)
     return model.classifier(x)
+
+
+def graphed_plain_forward(model: EENet, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """``plain_forward(model, x)`` captured in one CUDA graph: each call copies ``x`` in and replays."""
+    graph = capture(lambda i: (plain_forward(model, i),), x)
+
+    def run() -> torch.Tensor:
+        graph.inputs[0].copy_(x)
+        return graph.replay()[0]
+
+    return run
+
+
+@torch.no_grad()
+def graphed_segment_times(model: EENet, x: torch.Tensor, repeats: int = 5) -> list[float]:
+    """Time of each segment (a stage and its exit head; the last stage and the classifier)
+    replayed from the model's CUDA graphs (``use_cuda_graphs``) on the full batch ``x``."""
+    graphs = model.segment_graphs
+    if graphs is None:
+        raise ValueError("graphed_segment_times: expected a model with CUDA graphs (model.use_cuda_graphs()), got none")
+    times, h = [], x
+    for n in range(model.num_exits):
+        times.append(median_time(lambda n=n, h=h: graphs.run(n, h), x.device, repeats))
+        if n < len(model.exits):
+            h = graphs.run(n, h)[0].clone()
+    return times
 
 
 def ideal_time(stage_times: Sequence[float], head_times: Sequence[float], exit_counts: Sequence[int]) -> float:
@@ -62,7 +90,7 @@ def speedups(model: EENet, exit_counts: Sequence[int], plain_time: float, mode_t
 def report(paths: Sequence[str]) -> str:
     """Tables of the results in pytest-benchmark JSON files: end-to-end inference (one row per
     mode, with the speed-ups) and compaction policies (one row per policy, measured and predicted)."""
-    inference = [f"{'device':<28} {'model':<12} {'dtype':<8} {'batch':>5} {'mode':<8} {'ms/batch':>9} "
+    inference = [f"{'device':<28} {'model':<12} {'dtype':<8} {'batch':>5} {'mode':<13} {'ms/batch':>9} "
                  f"{'samples/s':>10} {'FLOP-ideal':>10} {'time-ideal':>10} {'realised':>8} {'effic.':>6}"]
     compaction = [f"{'device':<28} {'model':<12} {'dtype':<8} {'batch':>5} {'policy':<8} {'compact at':<10} "
                   f"{'ms/batch':>9} {'predicted':>9}"]
@@ -78,7 +106,8 @@ def report(paths: Sequence[str]) -> str:
                 predicted = info["predicted_ms"][info["policy"]]
                 compaction.append(f"{head} {info['policy']:<8} {exits:<10} {1e3 * median:>9.2f} {predicted:>9.2f}")
             elif "mode" in info:
-                row = f"{head} {info['mode']:<8} {1e3 * median:>9.2f} {info['batch'] / median:>10.1f}"
+                mode = info["mode"] + (" graphs" if info.get("cuda_graphs") else "")
+                row = f"{head} {mode:<13} {1e3 * median:>9.2f} {info['batch'] / median:>10.1f}"
                 if "efficiency" in info:
                     row += (f" {info['flop_ideal_speedup']:>10.2f} {info['time_ideal_speedup']:>10.2f} "
                             f"{info['realised_speedup']:>8.2f} {info['efficiency']:>6.2f}")

@@ -10,7 +10,9 @@ batch, later stages compute only the rest), ``mask`` (every exit for every sampl
 synchronisation) or ``sample`` (one sample at a time, as the thesis's code did).
 In ``compact`` mode, ``plan_compaction(x)`` measures where removing rows pays on this device;
 at the other exits the exited rows ride along, masked, until the next compaction
-(``eefast.compaction``).
+(``eefast.compaction``). On a GPU, ``use_cuda_graphs()`` replays each segment (a stage and its
+exit) from a CUDA graph per batch-size bucket, so small batches stop paying host time per kernel
+(``eefast.graphs``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from eefast import ops, reference
 from eefast.compaction import CompactionPlan, measure_compaction, record_deferred_exits
 from eefast.exits import ExitBlock
 from eefast.flops import count_flops, flop_profile
+from eefast.graphs import SegmentGraphs
 from eefast.placement import exit_costs, exit_flops, place_exits
 
 INFERENCE_MODES = ("compact", "mask", "sample")
@@ -116,6 +119,7 @@ class EENet(nn.Module):
         self.threshold = threshold
         self.inference_mode = "compact"
         self.compaction_plan: CompactionPlan | None = None  # None: compact at every exit
+        self.segment_graphs: SegmentGraphs | None = None  # set by use_cuda_graphs
 
     # ---- construction from a torchvision ResNet ---------------------------------------------
 
@@ -203,6 +207,36 @@ class EENet(nn.Module):
         conf = torch.stack(conf_logits) if conf_logits else logits[-1].new_empty((0, x.shape[0]))
         return EENetOutput(torch.stack([t.to(dtype) for t in logits]), conf)
 
+    def segment(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
+        """Segment ``n`` of inference on the running rows ``h``: stage n, then exit n:
+        ``(h', confidence [M], logits [M, K])`` (confidence = sigmoid of the confidence logit);
+        for the last segment, the last stage and the final classifier: ``(logits [M, K],)``."""
+        h = self.stages[n](h)
+        if n == len(self.exits):
+            return (self.classifier(h),)
+        logits, conf_logits = self.exits[n](h)
+        return h, conf_logits.sigmoid(), logits
+
+    def _run_segment(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
+        graphs = self.segment_graphs
+        if graphs is not None and not self.training and h.shape[0] > 0 and (h.is_cuda or graphs.eager):
+            return graphs.run(n, h)
+        return self.segment(n, h)
+
+    def use_cuda_graphs(self, enabled: bool = True) -> EENet:
+        """Runs ``predict`` on CUDA inputs from CUDA graphs, one per segment and batch-size bucket,
+        captured on first use (``eefast.graphs``); ``False`` drops them. Moving or casting the model
+        drops the captured graphs (they are captured again); in-place parameter updates are seen."""
+        if enabled and not torch.cuda.is_available():
+            raise RuntimeError("EENet.use_cuda_graphs: CUDA graphs need a CUDA device, and torch sees none")
+        self.segment_graphs = SegmentGraphs(self) if enabled else None
+        return self
+
+    def _apply(self, fn, recurse=True):
+        if self.segment_graphs is not None:  # the graphs hold the old tensors' addresses
+            self.segment_graphs = SegmentGraphs(self, eager=self.segment_graphs.eager)
+        return super()._apply(fn, recurse)
+
     @torch.no_grad()
     def predict(self, x: Tensor, mode: str = "compact", compact_at: Sequence[bool] | None = None) -> Prediction:
         """Early-exit inference (Algorithm 1); every mode gives the same exits and logits.
@@ -260,13 +294,11 @@ class EENet(nn.Module):
         out_logits = out_exit = None
         riding = False  # rows that exited at a deferring exit are in the batch
         h = x
-        for n, (stage, exit_block) in enumerate(zip(self.stages, self.exits)):
-            h = stage(h)
-            logits, conf_logits = exit_block(h)
+        for n in range(len(self.exits)):
+            h, confidence, logits = self._run_segment(n, h)
             if out_logits is None:
                 out_logits = logits.new_empty(batch + 1, self.num_classes)
                 out_exit = torch.full((batch + 1,), -1, dtype=torch.int64, device=x.device)
-            confidence = conf_logits.sigmoid()
             if compact_at is not None and not compact_at[n]:
                 index = record_deferred_exits(logits, confidence, index, self._threshold[n], n, out_logits, out_exit)
                 riding = True
@@ -279,7 +311,7 @@ class EENet(nn.Module):
             )
             if h.shape[0] == 0:  # everyone has left
                 return out_logits[:batch], out_exit[:batch]
-        logits = self.classifier(self.stages[-1](h))
+        (logits,) = self._run_segment(len(self.exits), h)
         if out_logits is None:  # no early exits: the plain backbone
             return logits, torch.full((batch,), 0, dtype=torch.int64, device=x.device)
         out_logits.index_copy_(0, index, logits.to(out_logits.dtype))  # riding rows write the scratch row
@@ -287,11 +319,19 @@ class EENet(nn.Module):
         return out_logits[:batch], out_exit[:batch]
 
     def _predict_mask(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logits, conf_logits = self.forward_all(x)
+        h, confidence, logits = x, [], []
+        for n in range(len(self.exits)):
+            h, exit_confidence, exit_logits = self._run_segment(n, h)
+            confidence.append(exit_confidence)
+            logits.append(exit_logits)
+        logits.append(self._run_segment(len(self.exits), h)[0])
+        dtype = logits[-1].dtype
+        logits = torch.stack([t.to(dtype) for t in logits])  # [E, B, K]
+        confidence = torch.stack(confidence) if confidence else logits.new_empty((0, x.shape[0]))
         thresholds = self._threshold_tensors.get(x.device)
         if thresholds is None:  # copied once per device and setting, not on every call (a host sync on GPUs)
             thresholds = self._threshold_tensors[x.device] = torch.tensor(self._threshold, device=x.device)
-        exit_index = reference.first_confident_exit(conf_logits.sigmoid(), thresholds)
+        exit_index = reference.first_confident_exit(confidence, thresholds)
         return logits[exit_index, torch.arange(x.shape[0], device=x.device)], exit_index
 
     def _predict_samples(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,7 @@ class ExitBlock(nn.Module):
         self.bn = nn.BatchNorm2d(in_channels) if kind == "bnpool" else None
         self.classifier = nn.Linear(features, num_classes)  # W1: C -> K
         self.confidence = nn.Linear(features, 1)  # w2: C -> 1
+        self._folded_cache: tuple | None = None  # (key, folded parameters) for inference with the fused kernel
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() != 4 or x.shape[1] != self.in_channels or (self.spatial and tuple(x.shape[2:]) != self.spatial):
@@ -56,10 +57,25 @@ class ExitBlock(nn.Module):
                 self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
                 self.bn.training or self.bn.running_mean is None, self._bn_momentum(), self.bn.eps,
             )
-        return ops.exit_head(
-            x, self.kind, self.classifier.weight, self.classifier.bias,
-            self.confidence.weight, self.confidence.bias, bn, impl=self.impl,
-        )
+        heads = (self.classifier.weight, self.classifier.bias, self.confidence.weight, self.confidence.bias)
+        if ops.choose_impl(self.impl, x) == "reference":
+            return ops.exit_head(x, self.kind, *heads, bn, impl="reference")
+        if (torch.is_grad_enabled() or (bn is not None and bn.training) or torch.compiler.is_compiling()
+                or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            # autograd and torch.compile follow the folding; a CUDA graph folds on every replay, so
+            # it reads the parameters themselves (and sees in-place updates)
+            return ops.exit_head(x, self.kind, *heads, bn, impl="triton")
+        return ops.fused_exit_head(x, self.kind, *self._folded(x, heads, bn))
+
+    def _folded(self, x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None) -> tuple:
+        """``ops.fold_exit_head``'s parameters, folded again only when a parameter or running
+        statistic changed (in place: its version moves; or was replaced: its storage moves)."""
+        sources = [*heads, *(bn[:4] if bn is not None else ())]
+        key = (bn.eps if bn is not None else None,
+               *((t.data_ptr(), t._version, t.dtype) for t in sources if t is not None))
+        if self._folded_cache is None or self._folded_cache[0] != key:
+            self._folded_cache = (key, ops.fold_exit_head(x, self.kind, *heads, bn))
+        return self._folded_cache[1]
 
     def _bn_momentum(self) -> float:
         """nn.BatchNorm2d's momentum rule (momentum=None is a cumulative average)."""

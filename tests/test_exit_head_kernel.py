@@ -210,3 +210,76 @@ def test_model_with_fused_ops_compiles_fullgraph():
     loss = compiled(x, y)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ---- inference: folded parameters, direct launch ------------------------------------------------
+
+
+def exit_block(kind, dtype=torch.float32, seed=0):
+    """An ExitBlock on the fused kernel with random batch-norm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    block = eefast.ExitBlock(5, 3, kind, spatial=(2, 3) if kind == "plain" else None, impl="triton")
+    if block.bn is not None:
+        block.bn.running_mean.normal_()
+        block.bn.running_var.uniform_(0.5, 1.5)
+        block.bn.weight.data.normal_(1.0, 0.2)
+    return block.to(DEVICE, dtype).eval()
+
+
+def reference_outputs(block, x):
+    impl, block.impl = block.impl, "reference"
+    try:
+        with torch.no_grad():
+            return block(x)
+    finally:
+        block.impl = impl
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_folds_once_and_follows_parameter_changes(kind, monkeypatch):
+    """In inference an ExitBlock folds its heads (and batch norm) once, and again only after a
+    parameter or running statistic changes: in place, by an optimizer step, or by a dtype move."""
+    folds = []
+    fold = ops.fold_exit_head
+    monkeypatch.setattr(ops, "fold_exit_head", lambda *args: folds.append(1) or fold(*args))
+    block = exit_block(kind)
+    x = torch.randn(3, 5, 2, 3, device=DEVICE)
+
+    def check(expected_folds):
+        with torch.no_grad():
+            got = block(x)
+        for g, want in zip(got, reference_outputs(block, x)):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+        assert len(folds) == expected_folds
+
+    check(1)
+    check(1)  # the same parameters: no fold
+    with torch.no_grad():
+        block.classifier.weight.mul_(2)  # in place
+    check(2)
+    block.confidence.bias.grad = torch.ones_like(block.confidence.bias)
+    torch.optim.SGD(block.parameters(), lr=0.5).step()  # an optimizer step on one parameter
+    check(3)
+    if block.bn is not None:
+        block.train()(x)  # a training forward updates the running statistics
+        block.eval()
+        check(4 + 1)  # (the training forward folded the batch statistics, uncached)
+    block.double()
+    x = x.double()
+    check(len(folds) + 1)
+
+
+def test_inference_launches_the_kernel_without_the_custom_op(monkeypatch):
+    """Without autograd the fused head skips the custom op (its host time); with autograd it uses it."""
+    from eefast.kernels import exit_head as kernel_module
+
+    calls = []
+    custom_op = kernel_module.exit_head_fused
+    monkeypatch.setattr(kernel_module, "exit_head_fused", lambda *args: calls.append(1) or custom_op(*args))
+    block = exit_block("pool")
+    x = torch.randn(3, 5, 4, 4, device=DEVICE)
+    with torch.no_grad():
+        block(x)
+    assert calls == []
+    block(x)[0].sum().backward()
+    assert calls == [1] and block.classifier.weight.grad is not None

@@ -1,0 +1,122 @@
+"""CUDA graphs for batched early-exit inference.
+
+On a GPU a small batch is bound by the host: every convolution, batch norm and exit head costs
+a few microseconds of Python and a kernel launch whatever the number of rows, so removing
+exited rows from the batch saves device time the host cannot use. A CUDA graph replays a
+whole segment (a stage and its exit head) with one launch.
+
+``SegmentGraphs`` captures each segment of an ``EENet`` once per *bucket* of batch sizes and
+replays it: the running rows are copied into the bucket's static input, rows past them are
+padding (inference is per-sample, so they never touch the real rows), and the outputs are the
+first rows of the static outputs. Buckets are powers of two and 1.5 times powers of two
+(1, 2, 3, 4, 6, 8, 12, 16, ...): a batch pads by at most a third. Graphs are captured on first
+use of a (segment, bucket, input shape, dtype, layout).
+
+The graphs share one memory pool. That is safe because every replay's outputs are read (copied
+out by ``compact_exits``, or into the next segment's static input, or into the result) before
+another graph is replayed: a later graph may reuse an earlier one's scratch memory, never
+memory whose contents are still to be read.
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["bucket_size", "capture", "CapturedGraph", "SegmentGraphs"]
+
+
+def bucket_size(rows: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x powers of two) >= rows."""
+    if rows < 1:
+        raise ValueError(f"bucket_size: expected rows >= 1, got {rows}")
+    power = 1 << (rows - 1).bit_length()  # smallest power of two >= rows
+    three_quarters = 3 * power // 4  # 1.5x the power of two below it
+    return three_quarters if power >= 4 and rows <= three_quarters else power
+
+
+class CapturedGraph:
+    """``fn`` captured in a CUDA graph on static inputs: ``replay()`` reruns it and leaves the
+    results in ``outputs``.
+
+    ``eager=True`` makes the stand-in used off the GPU: ``replay()`` calls ``fn`` and copies its
+    results into the same static outputs, so the bucketing around graphs runs (and is tested)
+    on the CPU.
+    """
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor], pool=None,
+                 warmup: int = 2, eager: bool = False):
+        self.fn = fn
+        self.inputs = tuple(inputs)
+        self.graph = None
+        if eager:
+            self.outputs = tuple(t.clone() for t in fn(*self.inputs))
+            return
+        for _ in range(warmup):  # lazy initialisation, cuDNN and Triton choices happen outside the capture
+            fn(*self.inputs)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = tuple(fn(*self.inputs))
+
+    def replay(self) -> tuple[Tensor, ...]:
+        if self.graph is None:
+            for static, value in zip(self.outputs, self.fn(*self.inputs)):
+                static.copy_(value)
+        else:
+            self.graph.replay()
+        return self.outputs
+
+
+def capture(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor, pool=None) -> CapturedGraph:
+    """``fn(*inputs)`` captured in a CUDA graph (its own static copies of ``inputs``)."""
+    return CapturedGraph(fn, [t.clone() for t in inputs], pool)
+
+
+class SegmentGraphs:
+    """Each segment of an EENet in CUDA graphs, per batch-size bucket (see the module docstring).
+
+    ``run(n, h)`` is ``model.segment(n, h)`` on the running rows ``h [M, ...]`` (stage n and exit
+    n, or the last stage and the final classifier), replayed from the graph of h's bucket. The
+    results are views of the graph's static outputs, valid until that graph is replayed again.
+
+    The graphs hold the model's parameters by address: moving or casting the model (``.to``,
+    ``.half()``) drops them (``EENet`` does so), and so must replacing a parameter tensor.
+    Changing parameter values in place (an optimizer step, ``load_state_dict``) is fine.
+    """
+
+    def __init__(self, model, eager: bool = False):
+        self.model = model
+        self.eager = eager
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
+        self.graphs: dict[tuple, CapturedGraph] = {}
+
+    def __getstate__(self) -> dict:  # copies and pickles of the model capture their own graphs
+        return {"model": self.model, "eager": self.eager, "pool": None, "graphs": {}}
+
+    def run(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
+        rows = h.shape[0]
+        bucket = bucket_size(rows)
+        layout = torch.channels_last if (h.dim() == 4 and not h.is_contiguous()
+                                         and h.is_contiguous(memory_format=torch.channels_last)) else None
+        key = (n, bucket, tuple(h.shape[1:]), h.dtype, layout, h.device)
+        graph = self.graphs.get(key)
+        if graph is None:
+            static = torch.zeros((bucket, *h.shape[1:]), dtype=h.dtype, device=h.device)
+            if layout is not None:
+                static = static.contiguous(memory_format=layout)
+            static[:rows].copy_(h)
+            if self.pool is None and not self.eager:
+                self.pool = torch.cuda.graph_pool_handle()
+            segment = lambda h, n=n: self.model.segment(n, h)  # noqa: E731
+            graph = self.graphs[key] = CapturedGraph(segment, [static], self.pool, eager=self.eager)
+        else:
+            graph.inputs[0][:rows].copy_(h)
+        return tuple(t[:rows] for t in graph.replay())
+
+    def __len__(self) -> int:
+        return len(self.graphs)
