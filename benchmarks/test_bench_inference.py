@@ -58,6 +58,7 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
             plain = functools.partial(bench.plain_forward, model, x)
             stage_times, head_times = bench.segment_times(model, x, repeats)
         plain_time = bench.median_time(plain, device, repeats)
+        reached = bench.reached_segment_times(model, x, exit_counts, repeats) if mode == "compact" else None
         fn = plain if mode == "plain" else functools.partial(model.predict, x, mode=mode)
 
         def run():
@@ -67,13 +68,16 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
         benchmark.group = f"{label} {device.type} {str(dtype)[6:]} batch {x.shape[0]}{' graphs' if graphs else ''}"
         record(device.type, dtype, model=label, batch=x.shape[0], mode=mode, cuda_graphs=graphs,
                input_shape=list(model.input_shape), exit_counts=exit_counts, thresholds=model.threshold,
-               plain_time_s=plain_time, stage_times_s=stage_times, head_times_s=head_times)
+               plain_time_s=plain_time, stage_times_s=stage_times, head_times_s=head_times,
+               **({"reached_segment_times_s": reached} if reached else {}))
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
     finally:
         model.use_cuda_graphs(False)  # the model is shared between benchmarks
     if mode != "plain" and benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, benchmark.stats.stats.median,
-                                                   stage_times, head_times))
+        median = benchmark.stats.stats.median
+        benchmark.extra_info.update(bench.speedups(model, exit_counts, plain_time, median, stage_times, head_times))
+        if reached:
+            benchmark.extra_info["machinery_efficiency"] = sum(reached) / median
 
 
 @pytest.mark.parametrize("mode", MODES)

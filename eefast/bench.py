@@ -11,7 +11,9 @@ the pieces of the plain network, and derives:
   is plain time over that (with CUDA graphs: the plain network in one graph, and each segment
   with its exit head replayed from its graph);
 - realised speed-up (plain time over the mode's time) and efficiency (realised over the time
-  ideal: 1.0 means the early-exit machinery costs nothing).
+  ideal: 1.0 means the early-exit machinery costs nothing);
+- for ``compact``, the machinery efficiency: the segments timed on just the rows that reach them,
+  summed, over the mode's time (the time ideal also charges how the device scales with rows).
 
 ``python -m eefast.bench RESULTS.json ...`` prints these as a table from pytest-benchmark JSON.
 """
@@ -63,6 +65,21 @@ def graphed_segment_times(model: EENet, x: torch.Tensor, repeats: int = 5) -> li
     return times
 
 
+@torch.no_grad()
+def reached_segment_times(model: EENet, x: torch.Tensor, exit_counts: Sequence[int], repeats: int = 5) -> list[float]:
+    """Time of each segment (as ``model.run_segment`` runs it: eager, or from its CUDA graph) on as
+    many rows as reach it: what compaction would cost if removing rows were free. Their sum over a
+    mode's time isolates the early-exit machinery from how the device scales with the rows."""
+    times, h = [], x
+    for n in range(model.num_exits):
+        rows = sum(exit_counts[n:])
+        reaching = h[:rows].clone()
+        times.append(median_time(lambda n=n, i=reaching: model.run_segment(n, i), x.device, repeats) if rows else 0.0)
+        if n < len(model.exits):
+            h = model.run_segment(n, h)[0].clone()
+    return times
+
+
 def ideal_time(stage_times: Sequence[float], head_times: Sequence[float], exit_counts: Sequence[int]) -> float:
     """The EENet's time with zero overhead: each segment (and exit head) scaled by the share of
     the batch that reaches it."""
@@ -91,7 +108,7 @@ def report(paths: Sequence[str]) -> str:
     """Tables of the results in pytest-benchmark JSON files: end-to-end inference (one row per
     mode, with the speed-ups) and compaction policies (one row per policy, measured and predicted)."""
     inference = [f"{'device':<28} {'model':<12} {'dtype':<8} {'batch':>5} {'mode':<13} {'ms/batch':>9} "
-                 f"{'samples/s':>10} {'FLOP-ideal':>10} {'time-ideal':>10} {'realised':>8} {'effic.':>6}"]
+                 f"{'samples/s':>10} {'FLOP-ideal':>10} {'time-ideal':>10} {'realised':>8} {'effic.':>6} {'machinery':>9}"]
     compaction = [f"{'device':<28} {'model':<12} {'dtype':<8} {'batch':>5} {'policy':<8} {'compact at':<10} "
                   f"{'ms/batch':>9} {'predicted':>9}"]
     for path in paths:
@@ -111,6 +128,8 @@ def report(paths: Sequence[str]) -> str:
                 if "efficiency" in info:
                     row += (f" {info['flop_ideal_speedup']:>10.2f} {info['time_ideal_speedup']:>10.2f} "
                             f"{info['realised_speedup']:>8.2f} {info['efficiency']:>6.2f}")
+                    if "machinery_efficiency" in info:
+                        row += f" {info['machinery_efficiency']:>9.2f}"
                 inference.append(row)
     tables = [lines for lines in (inference, compaction) if len(lines) > 1]
     return "\n\n".join("\n".join(lines) for lines in tables)

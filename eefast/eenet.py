@@ -217,7 +217,9 @@ class EENet(nn.Module):
         logits, conf_logits = self.exits[n](h)
         return h, conf_logits.sigmoid(), logits
 
-    def _run_segment(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
+    def run_segment(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
+        """``segment(n, h)`` as inference runs it: replayed from a CUDA graph when ``use_cuda_graphs``
+        is on (results are then views valid until that graph runs again)."""
         graphs = self.segment_graphs
         if graphs is not None and not self.training and h.shape[0] > 0 and (h.is_cuda or graphs.eager):
             return graphs.run(n, h)
@@ -295,7 +297,7 @@ class EENet(nn.Module):
         riding = False  # rows that exited at a deferring exit are in the batch
         h = x
         for n in range(len(self.exits)):
-            h, confidence, logits = self._run_segment(n, h)
+            h, confidence, logits = self.run_segment(n, h)
             if out_logits is None:
                 out_logits = logits.new_empty(batch + 1, self.num_classes)
                 out_exit = torch.full((batch + 1,), -1, dtype=torch.int64, device=x.device)
@@ -311,7 +313,7 @@ class EENet(nn.Module):
             )
             if h.shape[0] == 0:  # everyone has left
                 return out_logits[:batch], out_exit[:batch]
-        (logits,) = self._run_segment(len(self.exits), h)
+        (logits,) = self.run_segment(len(self.exits), h)
         if out_logits is None:  # no early exits: the plain backbone
             return logits, torch.full((batch,), 0, dtype=torch.int64, device=x.device)
         out_logits.index_copy_(0, index, logits.to(out_logits.dtype))  # riding rows write the scratch row
@@ -321,10 +323,10 @@ class EENet(nn.Module):
     def _predict_mask(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h, confidence, logits = x, [], []
         for n in range(len(self.exits)):
-            h, exit_confidence, exit_logits = self._run_segment(n, h)
+            h, exit_confidence, exit_logits = self.run_segment(n, h)
             confidence.append(exit_confidence)
             logits.append(exit_logits)
-        logits.append(self._run_segment(len(self.exits), h)[0])
+        logits.append(self.run_segment(len(self.exits), h)[0])
         dtype = logits[-1].dtype
         logits = torch.stack([t.to(dtype) for t in logits])  # [E, B, K]
         confidence = torch.stack(confidence) if confidence else logits.new_empty((0, x.shape[0]))

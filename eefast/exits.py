@@ -51,31 +51,43 @@ class ExitBlock(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels or (self.spatial and tuple(x.shape[2:]) != self.spatial):
             expected = f"[B, {self.in_channels}, {', '.join(map(str, self.spatial)) if self.spatial else 'H, W'}]"
             raise ValueError(f"ExitBlock: expected input of shape {expected}, got {list(x.shape)}")
-        bn = None
-        if self.bn is not None:
-            bn = reference.BatchNormArgs(
-                self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
-                self.bn.training or self.bn.running_mean is None, self._bn_momentum(), self.bn.eps,
-            )
-        heads = (self.classifier.weight, self.classifier.bias, self.confidence.weight, self.confidence.bias)
-        if ops.choose_impl(self.impl, x) == "reference":
-            return ops.exit_head(x, self.kind, *heads, bn, impl="reference")
-        if (torch.is_grad_enabled() or (bn is not None and bn.training) or torch.compiler.is_compiling()
-                or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
-            # autograd and torch.compile follow the folding; a CUDA graph folds on every replay, so
-            # it reads the parameters themselves (and sees in-place updates)
-            return ops.exit_head(x, self.kind, *heads, bn, impl="triton")
-        return ops.fused_exit_head(x, self.kind, *self._folded(x, heads, bn))
+        impl = ops.choose_impl(self.impl, x)
+        if impl == "triton" and not torch.is_grad_enabled() and not (self.bn is not None and self.bn.training) and not (
+                torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            # inference: parameters folded once (autograd and torch.compile follow the folding; a
+            # CUDA graph folds on every replay, so it reads the parameters and sees in-place updates)
+            return ops.fused_exit_head(x, self.kind, *self._folded(x))
+        return ops.exit_head(x, self.kind, *self._heads(), self._bn_args(), impl=impl)
 
-    def _folded(self, x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None) -> tuple:
+    def _heads(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # the parameter dicts directly: nn.Module.__getattr__ costs ~0.5 us a lookup, host time
+        # that a GPU's exit head (a few us) would wait for
+        classifier, confidence = self._modules["classifier"]._parameters, self._modules["confidence"]._parameters
+        return classifier["weight"], classifier["bias"], confidence["weight"], confidence["bias"]
+
+    def _bn_args(self) -> reference.BatchNormArgs | None:
+        bn = self.bn
+        if bn is None:
+            return None
+        return reference.BatchNormArgs(
+            bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            bn.training or bn.running_mean is None, self._bn_momentum(), bn.eps,
+        )
+
+    def _folded(self, x: Tensor) -> tuple:
         """``ops.fold_exit_head``'s parameters, folded again only when a parameter or running
         statistic changed (in place: its version moves; or was replaced: its storage moves)."""
-        sources = [*heads, *(bn[:4] if bn is not None else ())]
+        sources = self._heads()
+        bn = self._modules.get("bn")  # None (a plain attribute) unless bnpool
+        if bn is not None:
+            sources += (bn._parameters["weight"], bn._parameters["bias"],
+                        bn._buffers["running_mean"], bn._buffers["running_var"])
         key = (bn.eps if bn is not None else None,
                *((t.data_ptr(), t._version, t.dtype) for t in sources if t is not None))
-        if self._folded_cache is None or self._folded_cache[0] != key:
-            self._folded_cache = (key, ops.fold_exit_head(x, self.kind, *heads, bn))
-        return self._folded_cache[1]
+        cache = self._folded_cache
+        if cache is None or cache[0] != key:
+            cache = self._folded_cache = (key, ops.fold_exit_head(x, self.kind, *self._heads(), self._bn_args()))
+        return cache[1]
 
     def _bn_momentum(self) -> float:
         """nn.BatchNorm2d's momentum rule (momentum=None is a cumulative average)."""

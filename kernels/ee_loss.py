@@ -17,12 +17,15 @@ Imports torch and triton only.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .launch import FastLauncher
 
 # ---- jit helpers -------------------------------------------------------------------------------
 
@@ -99,7 +102,12 @@ def _mixtures(
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-@triton.jit
+_INTS = ["B", "K", "stride_e", "stride_b"]
+
+
+# No value-based specialisation: the binaries are launched again by key (kernels/launch.py).
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=[
+    "logits_ptr", "conf_ptr", "target_ptr", "costs_ptr", "ce_ptr", "cost_ptr", "lse_ptr"])
 def _ee_loss_forward_kernel(
     logits_ptr,  # [E, B, K] class logits, contiguous along K
     conf_ptr,  # [E-1, B] confidence logits, contiguous
@@ -129,7 +137,9 @@ def _ee_loss_forward_kernel(
     tl.store(cost_ptr + exits * B + rows[None, :], mix_cost, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=[
+    "grad_ce_ptr", "grad_cost_ptr", "logits_ptr", "conf_ptr", "target_ptr", "costs_ptr", "lse_ptr",
+    "grad_logits_ptr", "grad_conf_ptr"])
 def _ee_loss_backward_kernel(
     grad_ce_ptr,  # [E, B] dL/d ce
     grad_cost_ptr,  # [E, B] dL/d cost
@@ -193,10 +203,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=256)  # a host-time saving: computed once per shape
 def _blocks(num_exits: int, classes: int) -> tuple[int, int, int]:
     block_k = min(triton.next_power_of_2(classes), 1024)
     block_b = max(1, min(16, 2048 // block_k))
     return triton.next_power_of_2(num_exits), block_b, block_k
+
+
+_launch_forward = FastLauncher(_ee_loss_forward_kernel)
+_launch_backward = FastLauncher(_ee_loss_backward_kernel)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -224,10 +239,11 @@ def ee_loss_parts_forward(logits: Tensor, conf_logits: Tensor, target: Tensor, c
     if batch == 0:
         return ce, cost, lse
     block_e, block_b, block_k = _blocks(num_exits, classes)
-    _ee_loss_forward_kernel[(triton.cdiv(batch, block_b),)](
-        logits, conf_logits, target, costs, ce, cost, lse,
-        batch, classes, logits.stride(0), logits.stride(1),
-        E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=_tl_dtype(dtype),
+    _launch_forward(
+        (logits.dtype, conf_logits.dtype, target.dtype, costs.dtype, dtype, num_exits, block_e, block_b, block_k),
+        (triton.cdiv(batch, block_b),),
+        (logits, conf_logits, target, costs, ce, cost, lse, batch, classes, logits.stride(0), logits.stride(1)),
+        dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=_tl_dtype(dtype)),
     )
     return ce, cost, lse
 
@@ -247,10 +263,13 @@ def ee_loss_parts_backward_launch(grad_ce, grad_cost, logits, conf_logits, targe
     if batch == 0:
         return grad_logits.to(logits.dtype), grad_conf.to(conf_logits.dtype)
     block_e, block_b, block_k = _blocks(num_exits, classes)
-    _ee_loss_backward_kernel[(triton.cdiv(batch, block_b),)](
-        grad_ce, grad_cost, logits, conf_logits, target, costs, lse, grad_logits, grad_conf,
-        batch, classes, logits.stride(0), logits.stride(1),
-        E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=_tl_dtype(lse.dtype),
+    _launch_backward(
+        (grad_ce.dtype, grad_cost.dtype, logits.dtype, conf_logits.dtype, target.dtype, costs.dtype, lse.dtype,
+         grad_logits.dtype, grad_conf.dtype, num_exits, block_e, block_b, block_k),
+        (triton.cdiv(batch, block_b),),
+        (grad_ce, grad_cost, logits, conf_logits, target, costs, lse, grad_logits, grad_conf,
+         batch, classes, logits.stride(0), logits.stride(1)),
+        dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=_tl_dtype(lse.dtype)),
     )
     return grad_logits.to(logits.dtype), grad_conf.to(conf_logits.dtype)
 

@@ -21,6 +21,7 @@ Imports torch and triton only.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,10 +29,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import FastLauncher
+
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-@triton.jit
+_FORWARD_INTS = ["C", "HW", "K1", "stride_b", "stride_c", "stride_hw"]
+_FORWARD_POINTERS = ["x_ptr", "weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "out_ptr", "pooled_ptr"]
+
+
+# No value-based specialisation: the binaries are launched again by key (kernels/launch.py).
+@triton.jit(do_not_specialize=_FORWARD_INTS, do_not_specialize_on_alignment=_FORWARD_POINTERS)
 def _exit_head_forward_kernel(
     x_ptr,  # [B, C, H*W] features, strides (stride_b, stride_c, stride_hw)
     weight_ptr,  # [K1, C] both heads (K1 = K + 1), contiguous
@@ -81,7 +89,12 @@ def _exit_head_forward_kernel(
         tl.store(out_ptr + b * K1 + rows, acc.to(out_ptr.dtype.element_ty), mask=k_mask)
 
 
-@triton.jit
+_BACKWARD_INTS = ["C", "HW", "stride_b", "stride_c", "stride_hw"]
+_BACKWARD_POINTERS = ["grad_pooled_ptr", "x_ptr", "scale_ptr", "shift_ptr", "grad_x_ptr", "grad_scale_ptr",
+                      "grad_shift_ptr"]
+
+
+@triton.jit(do_not_specialize=_BACKWARD_INTS, do_not_specialize_on_alignment=_BACKWARD_POINTERS)
 def _exit_head_backward_kernel(
     grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64
     x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
@@ -131,6 +144,9 @@ def _exit_head_backward_kernel(
 
 # ---- launchers -------------------------------------------------------------------------------
 
+_launch_forward = FastLauncher(_exit_head_forward_kernel)
+_launch_backward = FastLauncher(_exit_head_backward_kernel)
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -153,10 +169,13 @@ def _flat_strides(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return x, (x.stride(0), x.stride(1), x.stride(3))
 
 
-def _blocks(channels: int, pixels: int) -> tuple[int, int]:
+@functools.lru_cache(maxsize=256)  # a host-time saving: computed once per shape
+def _blocks(channels: int, pixels: int, heads: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_HW, BLOCK_K)."""
     block_hw = min(triton.next_power_of_2(max(pixels, 1)), 256)
     block_c = max(1, min(triton.next_power_of_2(channels), 4096 // block_hw, 128))
-    return block_c, block_hw
+    block_k = min(triton.next_power_of_2(heads), 64)
+    return block_c, block_hw, block_k
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None) -> None:
@@ -183,15 +202,20 @@ def exit_head_forward_launch(x, weight, bias, scale, shift, relu):
     out = torch.empty(batch, heads, dtype=out_dtype, device=x.device)
     pooled = torch.empty(batch, channels, dtype=compute, device=x.device)
     if batch > 0:
-        block_c, block_hw = _blocks(channels, height * width)
+        block_c, block_hw, block_k = _blocks(channels, height * width, heads)
         has_affine = scale is not None
-        _exit_head_forward_kernel[(batch,)](
-            x, weight, bias, scale.contiguous() if has_affine else x, shift.contiguous() if has_affine else x,
-            out, pooled, channels, height * width, heads, stride_b, stride_c, stride_hw,
-            HAS_AFFINE=has_affine, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
-            BLOCK_K=min(triton.next_power_of_2(heads), 64), COMPUTE=_tl_dtype(compute),
+        if has_affine:
+            scale, shift = scale.contiguous(), shift.contiguous()
+        key = (x.dtype, weight.dtype, bias.dtype, scale.dtype if has_affine else None,
+               shift.dtype if has_affine else None, out_dtype, relu, block_c, block_hw, block_k)
+        _launch_forward(
+            key, (batch,),
+            (x, weight, bias, scale if has_affine else x, shift if has_affine else x, out, pooled,
+             channels, height * width, heads, stride_b, stride_c, stride_hw),
+            dict(HAS_AFFINE=has_affine, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
+                 COMPUTE=_tl_dtype(compute)),
         )
-    return out.to(x.dtype), pooled
+    return (out if out.dtype == x.dtype else out.to(x.dtype)), pooled
 
 
 def exit_head_backward_launch(grad_pooled, x, scale, shift, relu):
@@ -205,12 +229,17 @@ def exit_head_backward_launch(grad_pooled, x, scale, shift, relu):
     grad_scale = torch.empty(partial_shape, dtype=grad_pooled.dtype, device=x.device)
     grad_shift = torch.empty(partial_shape, dtype=grad_pooled.dtype, device=x.device)
     if batch > 0:
-        block_c, block_hw = _blocks(channels, height * width)
-        _exit_head_backward_kernel[(batch,)](
-            grad_pooled, x, scale.contiguous() if has_affine else x, shift.contiguous() if has_affine else x,
-            grad_x, grad_scale, grad_shift, channels, height * width, stride_b, stride_c, stride_hw,
-            HAS_AFFINE=has_affine, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
-            COMPUTE=_tl_dtype(grad_pooled.dtype),
+        block_c, block_hw, _ = _blocks(channels, height * width)
+        if has_affine:
+            scale, shift = scale.contiguous(), shift.contiguous()
+        key = (grad_pooled.dtype, x.dtype, scale.dtype if has_affine else None, shift.dtype if has_affine else None,
+               grad_dtype, relu, block_c, block_hw)
+        _launch_backward(
+            key, (batch,),
+            (grad_pooled, x, scale if has_affine else x, shift if has_affine else x, grad_x, grad_scale, grad_shift,
+             channels, height * width, stride_b, stride_c, stride_hw),
+            dict(HAS_AFFINE=has_affine, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                 COMPUTE=_tl_dtype(grad_pooled.dtype)),
         )
     return grad_x.to(x.dtype), grad_scale, grad_shift
 

@@ -28,6 +28,9 @@ def test_speedups_and_report(tmp_path):
     results = {"benchmarks": [
         {"stats": {"median": 0.5}, "extra_info": {
             "device": "cpu", "model": "eenet20", "dtype": "float32", "batch": 256, "mode": "compact", **result}},
+        {"stats": {"median": 0.5}, "extra_info": {
+            "device": "cuda", "model": "eenet20", "dtype": "float32", "batch": 256, "mode": "compact",
+            "cuda_graphs": True, "machinery_efficiency": 0.875, **result}},
         {"stats": {"median": 0.25}, "extra_info": {
             "device": "cpu", "model": "eenet20", "dtype": "float32", "batch": 32, "policy": "planned",
             "compact_at": [True, False, True], "predicted_ms": {"planned": 240.5}}},
@@ -36,6 +39,8 @@ def test_speedups_and_report(tmp_path):
     path.write_text(json.dumps(results))
     inference, compaction = bench.report([str(path)]).split("\n\n")
     assert "eenet20" in inference and "512.0" in inference  # 256 samples in 0.5 s
+    graphed = inference.splitlines()[2]
+    assert "compact graphs" in graphed and graphed.split()[-1] == "0.88"  # the machinery column
     assert compaction.splitlines()[1].split()[-4:] == ["planned", "0,2", "250.00", "240.50"]
 
 
@@ -46,3 +51,14 @@ def test_plain_forward_is_the_backbone():
     for e in model.exits:
         e.confidence.bias.data.fill_(-100.0)
     torch.testing.assert_close(bench.plain_forward(model, x), model(x).logits)
+
+
+def test_reached_segment_times_run_each_segment_on_the_rows_reaching_it():
+    model = eefast.create_model("eenet20", num_exits=3).eval()
+    rows = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    times = bench.reached_segment_times(model, torch.randn(20, 3, 32, 32), [10, 6, 4, 0], repeats=1)
+    assert len(times) == 4 and times[3] == 0.0 and all(t > 0 for t in times[:3])
+    # each timed segment runs warm-up + 1 repeat on the reaching rows, then once on the full batch
+    assert rows == [20, 20, 20, 10, 10, 20, 4, 4, 20]
