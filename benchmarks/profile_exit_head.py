@@ -3,9 +3,10 @@ against eager PyTorch, and device time per CUDA-graph replay.
 
     python -m benchmarks.profile_exit_head > benchmarks/results/<gpu>-exit-head-profile.txt
 
-Layers, outermost first: ``ExitBlock`` in inference (folded parameters cached, kernel launched
-directly), ``ops.exit_head`` (folds the heads on every call), the custom op
-``eefast::exit_head_fused``, and the bare launcher. B=256, C=64, 8x8, K=10.
+Layers, outermost first: ``ExitBlock`` in inference, ``ops.exit_head`` (without autograd: one
+launch on the parameters as stored), the bare inference launcher, and for comparison the custom
+op ``eefast::exit_head_fused`` that autograd and torch.compile use (on parameters folded ahead).
+B=256, C=64, 8x8, K=10.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
+import triton
 
 import eefast
 from eefast import ops
@@ -62,14 +64,17 @@ def main() -> None:
             x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype)
             heads = (fused.classifier.weight, fused.classifier.bias, fused.confidence.weight, fused.confidence.bias)
             bn = None if fused.bn is None else eefast.reference.BatchNormArgs(
-                fused.bn.weight, fused.bn.bias, fused.bn.running_mean, fused.bn.running_var, False)
-            weight, bias, scale, shift = ops.fold_exit_head(x, kind, *heads, bn)
+                fused.bn.weight, fused.bn.bias, fused.bn.running_mean, fused.bn.running_var, False, 0.1, fused.bn.eps)
+            bn_stats = None if bn is None else (*bn[:4], bn.eps)
+            weight, bias = torch.cat(heads[0::2]), torch.cat(heads[1::2])
+            scale, shift = (None, None) if bn is None else ops._batch_norm_affine(x, bn)
             relu = kind == "bnpool"
             layers = {
                 "ExitBlock, fused (inference path)": lambda: fused(x),
-                "ops.exit_head, fused (folds per call)": lambda: ops.exit_head(x, kind, *heads, bn, impl="triton"),
-                "custom op eefast::exit_head_fused": lambda: kernel.exit_head_fused(x, weight, bias, scale, shift, relu),
-                "launcher exit_head_forward_launch": lambda: kernel.exit_head_forward_launch(
+                "ops.exit_head, fused": lambda: ops.exit_head(x, kind, *heads, bn, impl="triton"),
+                "launcher exit_head_inference_launch": lambda: (kernel.exit_head_inference_launch(
+                    x, *heads, bn_stats, relu),),
+                "custom op exit_head_fused (pre-folded)": lambda: kernel.exit_head_fused(
                     x, weight, bias, scale, shift, relu),
                 "ExitBlock, eager PyTorch": lambda: eager(x),
             }
@@ -78,6 +83,8 @@ def main() -> None:
             for name, fn in layers.items():
                 host, synced = host_us(fn)
                 print(f"  {name:<40} {host:>12.1f} {synced:>10.1f} {replay_us(fn):>12.1f}")
+    launches = kernel._launch_forward.launches
+    print(f"\ntriton {triton.__version__}: {launches} launches went straight to the compiled binary (kernels/launch.py)")
 
 
 if __name__ == "__main__":

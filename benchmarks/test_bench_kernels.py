@@ -76,7 +76,8 @@ def test_exit_head(benchmark, record, dtype, kind, impl, passes):
     if kind == "bnpool":
         bn = reference.BatchNormArgs(torch.ones(channels, device="cuda", dtype=dtype, requires_grad=True),
                                      torch.zeros(channels, device="cuda", dtype=dtype, requires_grad=True),
-                                     torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda"),
+                                     torch.zeros(channels, device="cuda", dtype=dtype),  # as in a model moved to
+                                     torch.ones(channels, device="cuda", dtype=dtype),  # dtype (batch norm's rule)
                                      training=True)
 
     def head(x, *params):

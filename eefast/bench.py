@@ -59,9 +59,9 @@ def graphed_segment_times(model: EENet, x: torch.Tensor, repeats: int = 5) -> li
         raise ValueError("graphed_segment_times: expected a model with CUDA graphs (model.use_cuda_graphs()), got none")
     times, h = [], x
     for n in range(model.num_exits):
-        times.append(median_time(lambda n=n, h=h: graphs.run(n, h), x.device, repeats))
+        times.append(median_time(lambda n=n, h=h: graphs.run(model, n, h), x.device, repeats))
         if n < len(model.exits):
-            h = graphs.run(n, h)[0].clone()
+            h = graphs.run(model, n, h)[0].clone()
     return times
 
 

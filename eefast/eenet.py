@@ -222,7 +222,7 @@ class EENet(nn.Module):
         is on (results are then views valid until that graph runs again)."""
         graphs = self.segment_graphs
         if graphs is not None and not self.training and h.shape[0] > 0 and (h.is_cuda or graphs.eager):
-            return graphs.run(n, h)
+            return graphs.run(self, n, h)
         return self.segment(n, h)
 
     def use_cuda_graphs(self, enabled: bool = True) -> EENet:
@@ -231,12 +231,12 @@ class EENet(nn.Module):
         drops the captured graphs (they are captured again); in-place parameter updates are seen."""
         if enabled and not torch.cuda.is_available():
             raise RuntimeError("EENet.use_cuda_graphs: CUDA graphs need a CUDA device, and torch sees none")
-        self.segment_graphs = SegmentGraphs(self) if enabled else None
+        self.segment_graphs = SegmentGraphs() if enabled else None
         return self
 
     def _apply(self, fn, recurse=True):
         if self.segment_graphs is not None:  # the graphs hold the old tensors' addresses
-            self.segment_graphs = SegmentGraphs(self, eager=self.segment_graphs.eager)
+            self.segment_graphs = SegmentGraphs(eager=self.segment_graphs.eager)
         return super()._apply(fn, recurse)
 
     @torch.no_grad()

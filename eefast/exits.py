@@ -45,19 +45,12 @@ class ExitBlock(nn.Module):
         self.bn = nn.BatchNorm2d(in_channels) if kind == "bnpool" else None
         self.classifier = nn.Linear(features, num_classes)  # W1: C -> K
         self.confidence = nn.Linear(features, 1)  # w2: C -> 1
-        self._folded_cache: tuple | None = None  # (key, folded parameters) for inference with the fused kernel
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() != 4 or x.shape[1] != self.in_channels or (self.spatial and tuple(x.shape[2:]) != self.spatial):
             expected = f"[B, {self.in_channels}, {', '.join(map(str, self.spatial)) if self.spatial else 'H, W'}]"
             raise ValueError(f"ExitBlock: expected input of shape {expected}, got {list(x.shape)}")
-        impl = ops.choose_impl(self.impl, x)
-        if impl == "triton" and not torch.is_grad_enabled() and not (self.bn is not None and self.bn.training) and not (
-                torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
-            # inference: parameters folded once (autograd and torch.compile follow the folding; a
-            # CUDA graph folds on every replay, so it reads the parameters and sees in-place updates)
-            return ops.fused_exit_head(x, self.kind, *self._folded(x))
-        return ops.exit_head(x, self.kind, *self._heads(), self._bn_args(), impl=impl)
+        return ops.exit_head(x, self.kind, *self._heads(), self._bn_args(), impl=self.impl)
 
     def _heads(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # the parameter dicts directly: nn.Module.__getattr__ costs ~0.5 us a lookup, host time
@@ -66,28 +59,13 @@ class ExitBlock(nn.Module):
         return classifier["weight"], classifier["bias"], confidence["weight"], confidence["bias"]
 
     def _bn_args(self) -> reference.BatchNormArgs | None:
-        bn = self.bn
+        bn = self._modules.get("bn")  # None (a plain attribute) unless bnpool
         if bn is None:
             return None
         return reference.BatchNormArgs(
             bn.weight, bn.bias, bn.running_mean, bn.running_var,
             bn.training or bn.running_mean is None, self._bn_momentum(), bn.eps,
         )
-
-    def _folded(self, x: Tensor) -> tuple:
-        """``ops.fold_exit_head``'s parameters, folded again only when a parameter or running
-        statistic changed (in place: its version moves; or was replaced: its storage moves)."""
-        sources = self._heads()
-        bn = self._modules.get("bn")  # None (a plain attribute) unless bnpool
-        if bn is not None:
-            sources += (bn._parameters["weight"], bn._parameters["bias"],
-                        bn._buffers["running_mean"], bn._buffers["running_var"])
-        key = (bn.eps if bn is not None else None,
-               *((t.data_ptr(), t._version, t.dtype) for t in sources if t is not None))
-        cache = self._folded_cache
-        if cache is None or cache[0] != key:
-            cache = self._folded_cache = (key, ops.fold_exit_head(x, self.kind, *self._heads(), self._bn_args()))
-        return cache[1]
 
     def _bn_momentum(self) -> float:
         """nn.BatchNorm2d's momentum rule (momentum=None is a cumulative average)."""

@@ -22,6 +22,8 @@ Imports torch only.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,6 +41,17 @@ def bucket_size(rows: int) -> int:
     return three_quarters if power >= 4 and rows <= three_quarters else power
 
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """One side stream per device for warming up and capturing every graph."""
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
+
+
 class CapturedGraph:
     """``fn`` captured in a CUDA graph on static inputs: ``replay()`` reruns it and leaves the
     results in ``outputs``.
@@ -49,18 +62,24 @@ class CapturedGraph:
     """
 
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor], pool=None,
-                 warmup: int = 2, eager: bool = False):
+                 warmup: int = 3, eager: bool = False):
         self.fn = fn
         self.inputs = tuple(inputs)
         self.graph = None
         if eager:
             self.outputs = tuple(t.clone() for t in fn(*self.inputs))
             return
-        for _ in range(warmup):  # lazy initialisation, cuDNN and Triton choices happen outside the capture
-            fn(*self.inputs)
-        torch.cuda.synchronize()
+        # Warm up on the stream that will capture: lazy initialisation (cuBLAS and cuDNN handles and
+        # workspaces are per stream), cuDNN's and Triton's first-use work all happen before capture.
+        stream = _capture_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        gc.collect()  # cyclic garbage holding a CUDA graph must not be destroyed during the capture
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.outputs = tuple(fn(*self.inputs))
 
     def replay(self) -> tuple[Tensor, ...]:
@@ -80,25 +99,28 @@ def capture(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor, pool=None) -
 class SegmentGraphs:
     """Each segment of an EENet in CUDA graphs, per batch-size bucket (see the module docstring).
 
-    ``run(n, h)`` is ``model.segment(n, h)`` on the running rows ``h [M, ...]`` (stage n and exit
-    n, or the last stage and the final classifier), replayed from the graph of h's bucket. The
-    results are views of the graph's static outputs, valid until that graph is replayed again.
+    ``run(model, n, h)`` is ``model.segment(n, h)`` on the running rows ``h [M, ...]`` (stage n
+    and exit n, or the last stage and the final classifier), replayed from the graph of h's
+    bucket. The results are views of the graph's static outputs, valid until that graph is
+    replayed again.
 
     The graphs hold the model's parameters by address: moving or casting the model (``.to``,
     ``.half()``) drops them (``EENet`` does so), and so must replacing a parameter tensor.
-    Changing parameter values in place (an optimizer step, ``load_state_dict``) is fine.
+    Changing parameter values in place (an optimizer step, ``load_state_dict``) is fine. The
+    graphs reach the model only through a weak reference: no reference cycle keeps them alive
+    for the garbage collector to destroy at some later moment (a graph destroyed during another
+    capture invalidates that capture).
     """
 
-    def __init__(self, model, eager: bool = False):
-        self.model = model
+    def __init__(self, eager: bool = False):
         self.eager = eager
         self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.graphs: dict[tuple, CapturedGraph] = {}
 
     def __getstate__(self) -> dict:  # copies and pickles of the model capture their own graphs
-        return {"model": self.model, "eager": self.eager, "pool": None, "graphs": {}}
+        return {"eager": self.eager, "pool": None, "graphs": {}}
 
-    def run(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
+    def run(self, model, n: int, h: Tensor) -> tuple[Tensor, ...]:
         rows = h.shape[0]
         bucket = bucket_size(rows)
         layout = torch.channels_last if (h.dim() == 4 and not h.is_contiguous()
@@ -112,7 +134,8 @@ class SegmentGraphs:
             static[:rows].copy_(h)
             if self.pool is None and not self.eager:
                 self.pool = torch.cuda.graph_pool_handle()
-            segment = lambda h, n=n: self.model.segment(n, h)  # noqa: E731
+            model_ref = weakref.ref(model)
+            segment = lambda h, n=n: model_ref().segment(n, h)  # noqa: E731
             graph = self.graphs[key] = CapturedGraph(segment, [static], self.pool, eager=self.eager)
         else:
             graph.inputs[0][:rows].copy_(h)

@@ -48,7 +48,7 @@ def choose_impl(impl: str | None, tensor: Tensor) -> str:
 
 __all__ = [
     "compact_exits", "compacted_memory_format", "check_compact_exits_args",
-    "exit_head", "fold_exit_head", "fused_exit_head",
+    "exit_head",
     "eenet_loss", "eenet_loss_parts", "check_loss_args", "choose_impl", "HAS_TRITON", "IMPLS",
 ]
 
@@ -238,58 +238,34 @@ def exit_head(
         raise ValueError("exit_head: kind 'bnpool' needs bn=BatchNormArgs(...), got None")
     if choose_impl(impl, x) == "reference":
         return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
-    weight, bias, scale, shift = fold_exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
-    return fused_exit_head(x, kind, weight, bias, scale, shift)
-
-
-def fold_exit_head(
-    x: Tensor,  # [B, C, H, W] (read only for batch statistics in training mode)
-    kind: str,
-    cls_weight: Tensor,  # [K, F]
-    cls_bias: Tensor,  # [K]
-    conf_weight: Tensor,  # [1, F]
-    conf_bias: Tensor,  # [1]
-    bn: reference.BatchNormArgs | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The fused kernel's parameters: ``(weight [K+1, F], bias [K+1], scale [C]?, shift [C]?)``.
-
-    Both heads become one matrix (the confidence head is its last row); a ``bnpool`` exit's
-    batch norm becomes a per-channel scale and shift (from the batch statistics in training mode,
-    updating the running statistics, else from the running statistics). Differentiable: in
-    training autograd follows the concatenation and the statistics.
-    """
-    scale = shift = None
-    if kind == "bnpool":
-        scale, shift = _batch_norm_affine(x, bn)
-    return torch.cat([cls_weight, conf_weight]), torch.cat([cls_bias, conf_bias]), scale, shift
-
-
-def fused_exit_head(
-    x: Tensor,  # [B, C, H, W]
-    kind: str,
-    weight: Tensor,  # [K+1, F] both heads, from fold_exit_head
-    bias: Tensor,  # [K+1]
-    scale: Tensor | None = None,  # [C], bnpool only
-    shift: Tensor | None = None,  # [C]
-) -> tuple[Tensor, Tensor]:
-    """Class logits ``[B, K]`` and confidence logits ``[B]`` from the fused Triton kernel, given
-    folded parameters (``fold_exit_head``); callers that run many batches on fixed weights fold
-    once (``ExitBlock`` does, in inference).
-
-    Without autograd or torch.compile watching, the kernel is launched directly: the custom op
-    ``eefast::exit_head_fused`` (which both need) costs host time that, on a batch this small,
-    is the better part of the call.
-    """
+    relu = kind == "bnpool"
     if kind == "plain":
         x = x.contiguous().view(x.shape[0], -1, 1, 1)  # flatten in (C, H, W) order: C*H*W channels of one pixel
-    relu = kind == "bnpool"
-    needs_op = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)))
-    if needs_op:
-        out, _ = _triton_head.exit_head_fused(x, weight, bias, scale, shift, relu)
+    heads = (cls_weight, cls_bias, conf_weight, conf_bias)
+    if _inference(x, heads, bn):
+        # one launch on the parameters as stored: without autograd or torch.compile watching, the
+        # custom op and the folding around it would cost more host time than the kernel runs
+        bn_stats = None if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        out = _triton_head.exit_head_inference_launch(x, *heads, bn_stats, relu)
     else:
-        out, _ = _triton_head.exit_head_forward_launch(x, weight, bias, scale, shift, relu)
+        scale = shift = None
+        if kind == "bnpool":
+            scale, shift = _batch_norm_affine(x, bn)
+        weight = torch.cat([cls_weight, conf_weight])  # [K+1, F]: both heads in one matrix
+        bias = torch.cat([cls_bias, conf_bias])
+        out, _ = _triton_head.exit_head_fused(x, weight, bias, scale, shift, relu)
     return out[:, :-1], out[:, -1]
+
+
+def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None) -> bool:
+    """Whether the exit head can skip the custom op: no gradient wanted, not traced by torch.compile,
+    and batch norm (if any) in eval mode with its full state."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in heads) or (
+            bn is not None and any(t is not None and t.requires_grad for t in (bn.weight, bn.bias)))):
+        return False
+    return bn is None or not (bn.training or any(t is None for t in bn[:4]))
 
 
 def _batch_norm_affine(x: Tensor, bn: reference.BatchNormArgs) -> tuple[Tensor, Tensor]:

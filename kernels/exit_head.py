@@ -8,9 +8,14 @@ returns ``out [B, K+1]`` (the class logits and, in the last column, the confiden
 ``pooled [B, C]`` (float32, kept for the backward). One program per sample reads its feature
 map once, channel block by channel block (NCHW or channels_last: any layout where h and w
 flatten into one stride), and then applies the two heads as one [K+1, C] matrix. Batch norm
-enters as a per-channel scale and shift (folded running statistics in eval mode; in training
-mode eefast.ops computes them from the batch statistics with autograd, so their gradient
-reaches x through torch). A ``plain`` exit is the same kernel on x viewed as [B, C*H*W, 1, 1].
+enters as a per-channel scale and shift (in training mode eefast.ops computes them from the
+batch statistics with autograd, so their gradient reaches x through torch). A ``plain`` exit is
+the same kernel on x viewed as [B, C*H*W, 1, 1].
+
+Inference (no autograd, no torch.compile) skips the custom op: ``exit_head_inference_launch``
+runs the same kernel on the parameters as stored, the [K+1, C] matrix's rows 0..K-1 read from
+the class head and row K from the confidence head, and eval-mode batch norm folded from its
+running statistics inside the kernel: one launch, nothing prepared per call or cached.
 
 The backward writes dL/dx in x's layout and per-sample partial sums for dL/dscale and
 dL/dshift; the heads' gradients are two small matrix products. Arithmetic is in float32
@@ -35,21 +40,27 @@ from .launch import FastLauncher
 
 
 _FORWARD_INTS = ["C", "HW", "K1", "stride_b", "stride_c", "stride_hw"]
-_FORWARD_POINTERS = ["x_ptr", "weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "out_ptr", "pooled_ptr"]
+_FORWARD_POINTERS = ["x_ptr", "weight_ptr", "bias_ptr", "conf_weight_ptr", "conf_bias_ptr", "scale_ptr",
+                     "shift_ptr", "mean_ptr", "var_ptr", "out_ptr", "pooled_ptr"]
 
 
 # No value-based specialisation: the binaries are launched again by key (kernels/launch.py).
 @triton.jit(do_not_specialize=_FORWARD_INTS, do_not_specialize_on_alignment=_FORWARD_POINTERS)
 def _exit_head_forward_kernel(
     x_ptr,  # [B, C, H*W] features, strides (stride_b, stride_c, stride_hw)
-    weight_ptr,  # [K1, C] both heads (K1 = K + 1), contiguous
-    bias_ptr,  # [K1]
-    scale_ptr,  # [C] (read when HAS_AFFINE)
-    shift_ptr,  # [C] (read when HAS_AFFINE)
+    weight_ptr,  # [K1, C] both heads (K1 = K + 1), contiguous; SPLIT_HEADS: [K, C], the class head only
+    bias_ptr,  # [K1]; SPLIT_HEADS: [K]
+    conf_weight_ptr,  # [1, C] (SPLIT_HEADS: the confidence head, row K of the [K1, C] matrix)
+    conf_bias_ptr,  # [1] (SPLIT_HEADS)
+    scale_ptr,  # [C] (HAS_AFFINE); BN_STATS: the batch norm's weight
+    shift_ptr,  # [C] (HAS_AFFINE); BN_STATS: the batch norm's bias
+    mean_ptr,  # [C] running mean (BN_STATS)
+    var_ptr,  # [C] running variance (BN_STATS)
     out_ptr,  # [B, K1] out
     pooled_ptr,  # [B, C] out, contiguous
-    C, HW, K1, stride_b, stride_c, stride_hw,
-    HAS_AFFINE: tl.constexpr, RELU: tl.constexpr,
+    C, HW, K1, stride_b, stride_c, stride_hw, eps,
+    HAS_AFFINE: tl.constexpr, BN_STATS: tl.constexpr, SPLIT_HEADS: tl.constexpr, RELU: tl.constexpr,
+    HW_CONTIGUOUS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -61,11 +72,17 @@ def _exit_head_forward_kernel(
         if HAS_AFFINE:
             scale = tl.load(scale_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
             shift = tl.load(shift_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
+            if BN_STATS:  # fold the running statistics: w / sqrt(var + eps), b - mean * w / sqrt(var + eps)
+                mean = tl.load(mean_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
+                var = tl.load(var_ptr + channels, mask=c_mask, other=1.0).to(COMPUTE)
+                scale = scale / tl.sqrt(var + eps)
+                shift = shift - mean * scale
         total = tl.zeros([BLOCK_C], COMPUTE)
         for p0 in range(0, HW, BLOCK_HW):
             pixels = p0 + tl.arange(0, BLOCK_HW)
             mask = c_mask[:, None] & (pixels < HW)[None, :]
-            x = tl.load(x_row + channels[:, None] * stride_c + pixels[None, :] * stride_hw, mask=mask, other=0.0)
+            pixel_offsets = pixels if HW_CONTIGUOUS else pixels * stride_hw
+            x = tl.load(x_row + channels[:, None] * stride_c + pixel_offsets[None, :], mask=mask, other=0.0)
             z = x.to(COMPUTE)
             if HAS_AFFINE:
                 z = z * scale[:, None] + shift[:, None]
@@ -78,14 +95,21 @@ def _exit_head_forward_kernel(
     for k0 in range(0, K1, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         k_mask = rows < K1
+        class_rows = (rows < K1 - 1) if SPLIT_HEADS else k_mask  # rows read from weight_ptr
         acc = tl.zeros([BLOCK_K], COMPUTE)
         for c0 in range(0, C, BLOCK_C):
             channels = c0 + tl.arange(0, BLOCK_C)
             c_mask = channels < C
             pooled = tl.load(pooled_ptr + b * C + channels, mask=c_mask, other=0.0)
-            w = tl.load(weight_ptr + rows[:, None] * C + channels[None, :], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-            acc += tl.sum(w.to(COMPUTE) * pooled[None, :], axis=1)
-        acc += tl.load(bias_ptr + rows, mask=k_mask, other=0.0).to(COMPUTE)
+            w = tl.load(weight_ptr + rows[:, None] * C + channels[None, :],
+                        mask=class_rows[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+            if SPLIT_HEADS:  # row K1 - 1 from the confidence head
+                w += tl.load(conf_weight_ptr + (rows[:, None] - (K1 - 1)) * C + channels[None, :],
+                             mask=(rows == K1 - 1)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+            acc += tl.sum(w * pooled[None, :], axis=1)
+        acc += tl.load(bias_ptr + rows, mask=class_rows, other=0.0).to(COMPUTE)
+        if SPLIT_HEADS:
+            acc += tl.load(conf_bias_ptr + (rows - (K1 - 1)), mask=rows == K1 - 1, other=0.0).to(COMPUTE)
         tl.store(out_ptr + b * K1 + rows, acc.to(out_ptr.dtype.element_ty), mask=k_mask)
 
 
@@ -178,13 +202,15 @@ def _blocks(channels: int, pixels: int, heads: int = 1) -> tuple[int, int, int]:
     return block_c, block_hw, block_k
 
 
-def _check(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None) -> None:
+def _check(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None,
+           classes_only: bool = False) -> None:
     if x.dim() != 4:
         raise ValueError(f"exit_head_fused: expected x of shape [B, C, H, W], got {list(x.shape)}")
     channels = x.shape[1]
     if weight.dim() != 2 or weight.shape[1] != channels or bias.shape != (weight.shape[0],):
+        rows = "K" if classes_only else "K+1"
         raise ValueError(
-            f"exit_head_fused: expected weight [K+1, {channels}] and bias [K+1], got {list(weight.shape)} and "
+            f"exit_head_fused: expected weight [{rows}, {channels}] and bias [{rows}], got {list(weight.shape)} and "
             f"{list(bias.shape)}"
         )
     if (scale is None) != (shift is None) or (scale is not None and (scale.shape != (channels,) or shift.shape != (channels,))):
@@ -192,9 +218,30 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift:
 
 
 def exit_head_forward_launch(x, weight, bias, scale, shift, relu):
+    """(out [B, K+1], pooled [B, C]): the kernel with both heads in one matrix and batch norm (if
+    any) as a per-channel scale and shift."""
     _check(x, weight, bias, scale, shift)
+    return _forward(x, weight, bias, None, None, scale, shift, None, relu)
+
+
+def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_stats, relu):
+    """out [B, K+1] for inference, from the parameters as they are stored: the two heads' weights
+    (rows 0..K-1 and K of the [K+1, C] matrix) and biases apart, and the batch norm's eval-mode
+    state ``bn_stats = (weight, bias, running_mean, running_var, eps)`` (or None) folded in the
+    kernel. One launch and no other work: nothing to fold again when the parameters change, and
+    a CUDA graph of it reads the parameters themselves."""
+    scale, shift = (None, None) if bn_stats is None else bn_stats[:2]
+    _check(x, cls_weight, cls_bias, scale, shift, classes_only=True)
+    if conf_weight.shape != (1, x.shape[1]) or conf_bias.shape != (1,):
+        raise ValueError(f"exit_head_inference_launch: expected conf_weight [1, {x.shape[1]}] and conf_bias [1], "
+                         f"got {list(conf_weight.shape)} and {list(conf_bias.shape)}")
+    return _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, scale, shift, bn_stats, relu)[0]
+
+
+def _forward(x, weight, bias, conf_weight, conf_bias, scale, shift, bn_stats, relu):
     batch, channels, height, width = x.shape
-    heads = weight.shape[0]
+    split_heads = conf_weight is not None
+    heads = weight.shape[0] + split_heads  # K + 1
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     weight, bias = weight.contiguous(), bias.contiguous()
     compute = _compute_dtype(x.dtype)
@@ -206,13 +253,21 @@ def exit_head_forward_launch(x, weight, bias, scale, shift, relu):
         has_affine = scale is not None
         if has_affine:
             scale, shift = scale.contiguous(), shift.contiguous()
+        mean, var, eps = (x, x, 0.0) if bn_stats is None else (bn_stats[2], bn_stats[3], float(bn_stats[4]))
+        if split_heads:
+            conf_weight, conf_bias = conf_weight.contiguous(), conf_bias.contiguous()
+        hw_contiguous = stride_hw == 1
         key = (x.dtype, weight.dtype, bias.dtype, scale.dtype if has_affine else None,
-               shift.dtype if has_affine else None, out_dtype, relu, block_c, block_hw, block_k)
+               shift.dtype if has_affine else None, mean.dtype, var.dtype,
+               conf_weight.dtype if split_heads else None, conf_bias.dtype if split_heads else None,
+               out_dtype, bn_stats is not None, relu, hw_contiguous, block_c, block_hw, block_k)
         _launch_forward(
             key, (batch,),
-            (x, weight, bias, scale if has_affine else x, shift if has_affine else x, out, pooled,
-             channels, height * width, heads, stride_b, stride_c, stride_hw),
-            dict(HAS_AFFINE=has_affine, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
+            (x, weight, bias, conf_weight if split_heads else x, conf_bias if split_heads else x,
+             scale if has_affine else x, shift if has_affine else x, mean, var, out, pooled,
+             channels, height * width, heads, stride_b, stride_c, stride_hw, eps),
+            dict(HAS_AFFINE=has_affine, BN_STATS=bn_stats is not None, SPLIT_HEADS=split_heads, RELU=relu,
+                 HW_CONTIGUOUS=hw_contiguous, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
                  COMPUTE=_tl_dtype(compute)),
         )
     return (out if out.dtype == x.dtype else out.to(x.dtype)), pooled

@@ -37,6 +37,11 @@ except ImportError:  # Triton < 3.3
 _I32 = (-(2**31), 2**31)
 
 
+def _no_hook(hook) -> bool:
+    """True for an absent launch hook: None, or an empty ``knobs.HookChain`` (newer Triton)."""
+    return hook is None or not getattr(hook, "calls", True)
+
+
 def fast_launch_available() -> bool:
     return (
         _knobs is not None
@@ -60,7 +65,7 @@ class FastLauncher:
         self.launches = 0  # direct launches, for tests
 
     def __call__(self, key, grid: Sequence[int], args: Sequence, constexprs: dict) -> None:
-        if self.enabled and _knobs.runtime.launch_enter_hook is None and _knobs.runtime.launch_exit_hook is None:
+        if self.enabled and _no_hook(_knobs.runtime.launch_enter_hook) and _no_hook(_knobs.runtime.launch_exit_hook):
             device = _driver.active.get_current_device()
             full_key = (device, key, tuple(_I32[0] <= a < _I32[1] for a in args if type(a) is int))
             entry = self.binaries.get(full_key)

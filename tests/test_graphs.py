@@ -1,6 +1,6 @@
 """CUDA graphs for inference (eefast.graphs): buckets, padding, and predictions equal to eager.
 
-Off the GPU the graphs' eager stand-in (``SegmentGraphs(model, eager=True)``: replays rerun the
+Off the GPU the graphs' eager stand-in (``SegmentGraphs(eager=True)``: replays rerun the
 segment into the same static outputs) checks the bucketing and padding around the graphs; the
 ``cuda`` tests capture real graphs.
 """
@@ -30,7 +30,7 @@ def test_bucket_sizes_pad_by_less_than_half():
 
 
 def with_stand_in_graphs(model):
-    model.segment_graphs = SegmentGraphs(model, eager=True)
+    model.segment_graphs = SegmentGraphs(eager=True)
     return model
 
 
@@ -90,7 +90,7 @@ def test_moving_or_copying_the_model_drops_the_graphs():
     assert model.segment_graphs is not None and len(model.segment_graphs) == 0
     model.predict(x.double())
     copied = copy.deepcopy(model)
-    assert copied.segment_graphs.model is copied and len(copied.segment_graphs) == 0
+    assert copied.segment_graphs is not model.segment_graphs and len(copied.segment_graphs) == 0
     assert torch.equal(copied.predict(x.double()).logits, model.predict(x.double()).logits)
 
 
@@ -191,3 +191,20 @@ def test_cuda_graphs_host_reads_are_at_most_one_per_compacting_exit():
             torch.cuda.set_sync_debug_mode(0)
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         assert len(syncs) <= sum(compact_at), (compact_at, [str(w.message) for w in syncs])
+
+
+def test_graphs_do_not_keep_the_model_alive():
+    """No reference cycle: a dropped model frees its graphs at once, not whenever the garbage
+    collector runs (which could be during another capture)."""
+    import gc
+    import weakref
+
+    model = with_stand_in_graphs(warmed_model("eenet8", filters=4))
+    model.predict(torch.randn(4, *model.input_shape))
+    graphs = weakref.ref(model.segment_graphs)
+    gc.disable()
+    try:
+        del model
+        assert graphs() is None
+    finally:
+        gc.enable()

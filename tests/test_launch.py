@@ -66,9 +66,15 @@ def test_launch_hooks_and_the_switch_take_the_compiling_path(launch_module, monk
     launcher = launch_module.FastLauncher(kernel)
     for _ in range(2):
         launcher(("k",), (1,), (torch.zeros(1), 1), dict(BLOCK=1, RELU=False))
-    launch_module._knobs.runtime.launch_enter_hook = print  # a profiler watching launches
+    empty_chain = types.SimpleNamespace(calls=[])  # newer Triton keeps hooks in a (here empty) HookChain
+    launch_module._knobs.runtime.launch_enter_hook = launch_module._knobs.runtime.launch_exit_hook = empty_chain
     launcher(("k",), (1,), (torch.zeros(1), 1), dict(BLOCK=1, RELU=False))
-    assert len(kernel.compiled) == 2 and len(kernel.launched) == 1
+    assert len(kernel.compiled) == 1 and len(kernel.launched) == 2
+    empty_chain.calls.append(print)  # a profiler watching launches
+    launcher(("k",), (1,), (torch.zeros(1), 1), dict(BLOCK=1, RELU=False))
+    launch_module._knobs.runtime.launch_enter_hook = print  # an older Triton's plain hook
+    launcher(("k",), (1,), (torch.zeros(1), 1), dict(BLOCK=1, RELU=False))
+    assert len(kernel.compiled) == 3 and len(kernel.launched) == 2
     monkeypatch.setenv("EEFAST_TRITON_FAST_LAUNCH", "0")
     assert not launch_module.FastLauncher(kernel).enabled
 
