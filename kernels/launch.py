@@ -23,6 +23,7 @@ Imports torch and triton only.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -73,8 +74,17 @@ class FastLauncher:
                 run, function, metadata, constants = entry
                 grid_1 = grid[1] if len(grid) > 1 else 1
                 grid_2 = grid[2] if len(grid) > 2 else 1
-                run(grid[0], grid_1, grid_2, _driver.active.get_current_stream(device), function, metadata,
-                    None, None, None, *args, *constants)
+                try:
+                    run(grid[0], grid_1, grid_2, _driver.active.get_current_stream(device), function, metadata,
+                        None, None, None, *args, *constants)
+                except TypeError as error:  # a launcher that takes other arguments: this Triton is not 3.3-3.8's
+                    if self.launches:
+                        raise
+                    self.enabled = False
+                    warnings.warn(f"eefast: launching Triton binaries directly failed ({error}); using kernel[grid]",
+                                  stacklevel=2)
+                    self.kernel[tuple(grid)](*args, **constexprs)
+                    return
                 self.launches += 1
                 return
             binary = self.kernel[tuple(grid)](*args, **constexprs)

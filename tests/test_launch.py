@@ -104,3 +104,18 @@ def test_cuda_exit_head_launches_directly_and_matches_the_reference():
         want_logits, want_conf = block(x)
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conf, want_conf, rtol=1e-5, atol=1e-5)
+
+
+def test_a_launcher_with_another_signature_falls_back_once(launch_module):
+    kernel = StandInKernel()
+    launcher = launch_module.FastLauncher(kernel)
+    launcher(("k",), (1,), (torch.zeros(1), 1), dict(BLOCK=1, RELU=False))
+    (full_key, (_, function, metadata, constants)), = launcher.binaries.items()
+
+    def older_launcher(*args):  # takes fewer leading arguments
+        raise TypeError("function takes 12 positional arguments but 13 were given")
+
+    launcher.binaries[full_key] = (older_launcher, function, metadata, constants)
+    with pytest.warns(UserWarning, match="launching Triton binaries directly failed"):
+        launcher(("k",), (1,), (torch.zeros(1), 1), dict(BLOCK=1, RELU=False))
+    assert not launcher.enabled and len(kernel.compiled) == 2
