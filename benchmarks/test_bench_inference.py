@@ -53,12 +53,13 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
         if graphs:
             model.use_cuda_graphs()
             plain = bench.graphed_plain_forward(model, x)
-            stage_times, head_times = bench.graphed_segment_times(model, x, repeats), [0.0] * len(model.exits)
+            stage_times, head_times = bench.run_segment_times(model, x, repeats=repeats), [0.0] * len(model.exits)
         else:
             plain = functools.partial(bench.plain_forward, model, x)
             stage_times, head_times = bench.segment_times(model, x, repeats)
         plain_time = bench.median_time(plain, device, repeats)
-        reached = bench.reached_segment_times(model, x, exit_counts, repeats) if mode == "compact" else None
+        reaching = [sum(exit_counts[n:]) for n in range(model.num_exits)]  # rows reaching each segment
+        reached = bench.run_segment_times(model, x, reaching, repeats) if mode == "compact" else None
         fn = plain if mode == "plain" else functools.partial(model.predict, x, mode=mode)
 
         def run():

@@ -12,8 +12,9 @@ the pieces of the plain network, and derives:
   with its exit head replayed from its graph);
 - realised speed-up (plain time over the mode's time) and efficiency (realised over the time
   ideal: 1.0 means the early-exit machinery costs nothing);
-- for ``compact``, the machinery efficiency: the segments timed on just the rows that reach them,
-  summed, over the mode's time (the time ideal also charges how the device scales with rows).
+- for ``compact``, the machinery efficiency: the segments timed on just the rows that reach them
+  (``eefast.timing.run_segment_times``), summed, over the mode's time (the time ideal also
+  charges how the device scales with rows).
 
 ``python -m eefast.bench RESULTS.json ...`` prints these as a table from pytest-benchmark JSON.
 """
@@ -28,7 +29,7 @@ import torch
 
 from eefast.eenet import EENet
 from eefast.graphs import capture
-from eefast.timing import median_time, segment_times
+from eefast.timing import median_time, run_segment_times, segment_times
 
 
 @torch.no_grad()
@@ -48,36 +49,6 @@ def graphed_plain_forward(model: EENet, x: torch.Tensor) -> Callable[[], torch.T
         return graph.replay()[0]
 
     return run
-
-
-@torch.no_grad()
-def graphed_segment_times(model: EENet, x: torch.Tensor, repeats: int = 5) -> list[float]:
-    """Time of each segment (a stage and its exit head; the last stage and the classifier)
-    replayed from the model's CUDA graphs (``use_cuda_graphs``) on the full batch ``x``."""
-    graphs = model.segment_graphs
-    if graphs is None:
-        raise ValueError("graphed_segment_times: expected a model with CUDA graphs (model.use_cuda_graphs()), got none")
-    times, h = [], x
-    for n in range(model.num_exits):
-        times.append(median_time(lambda n=n, h=h: graphs.run(model, n, h), x.device, repeats))
-        if n < len(model.exits):
-            h = graphs.run(model, n, h)[0].clone()
-    return times
-
-
-@torch.no_grad()
-def reached_segment_times(model: EENet, x: torch.Tensor, exit_counts: Sequence[int], repeats: int = 5) -> list[float]:
-    """Time of each segment (as ``model.run_segment`` runs it: eager, or from its CUDA graph) on as
-    many rows as reach it: what compaction would cost if removing rows were free. Their sum over a
-    mode's time isolates the early-exit machinery from how the device scales with the rows."""
-    times, h = [], x
-    for n in range(model.num_exits):
-        rows = sum(exit_counts[n:])
-        reaching = h[:rows].clone()
-        times.append(median_time(lambda n=n, i=reaching: model.run_segment(n, i), x.device, repeats) if rows else 0.0)
-        if n < len(model.exits):
-            h = model.run_segment(n, h)[0].clone()
-    return times
 
 
 def ideal_time(stage_times: Sequence[float], head_times: Sequence[float], exit_counts: Sequence[int]) -> float:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from eefast import ops
-from eefast.timing import median_time, segment_times
+from eefast.timing import median_time, run_segment_times
 
 
 def interpolate(batch_sizes: Sequence[int], times: Sequence[float], rows: float) -> float:
@@ -193,7 +193,8 @@ def measure_compaction(model, x: Tensor, repeats: int = 3, batch_sizes: Sequence
 
     The share of samples reaching each exit comes from the model's own exits on ``x`` with its
     current thresholds; segment and op times are medians of ``repeats`` runs on the first b rows
-    of ``x`` for each b of ``batch_sizes`` (default: powers of two up to ``len(x)``).
+    of ``x`` for each b of ``batch_sizes`` (default: powers of two up to ``len(x)``), segments as
+    ``predict`` runs them (from CUDA graphs when ``model.use_cuda_graphs()`` is on).
     """
     model.check_input(x)
     if x.shape[0] < 1:
@@ -206,11 +207,9 @@ def measure_compaction(model, x: Tensor, repeats: int = 3, batch_sizes: Sequence
     counts = torch.bincount(exits, minlength=model.num_exits).tolist()
     reach = tuple(sum(counts[n:]) / x.shape[0] for n in range(model.num_exits))
 
-    per_size = [segment_times(model, x[:b], repeats) for b in sizes]  # ([stage s], [head s]) at each size
-    segments = tuple(
-        tuple(stages[s] + (heads[s] if s < len(heads) else 0.0) for stages, heads in per_size)
-        for s in range(len(model.stages))
-    )
+    # each segment as predict runs it (eager, or from CUDA graphs when the model uses them), per size
+    per_size = [run_segment_times(model, x[:b], repeats=repeats) for b in sizes]
+    segments = tuple(tuple(times[s] for times in per_size) for s in range(len(model.stages)))
     compact_times, defer_times = [], []
     h = x
     for n, (stage, exit_block) in enumerate(zip(model.stages, model.exits)):

@@ -46,3 +46,20 @@ def segment_times(model, x: torch.Tensor, repeats: int = 5) -> tuple[list[float]
             h = stage(h)
             head_times.append(median_time(lambda e=model.exits[n], i=h: e(i), device, repeats))
     return stage_times, head_times
+
+
+@torch.no_grad()
+def run_segment_times(model, x: torch.Tensor, rows=None, repeats: int = 5) -> list[float]:
+    """Time of each segment of an ``EENet`` as ``predict`` runs it (``model.run_segment``: eager,
+    or replayed from its CUDA graphs), segment n on the first ``rows[n]`` rows of its input
+    (default: the whole batch ``x``); 0.0 for a segment given no rows. Medians of ``repeats`` runs."""
+    rows = [x.shape[0]] * model.num_exits if rows is None else list(rows)
+    if len(rows) != model.num_exits:
+        raise ValueError(f"run_segment_times: expected {model.num_exits} row counts (one per segment), got {len(rows)}")
+    times, h = [], x
+    for n, count in enumerate(rows):
+        part = h[:count].clone()
+        times.append(median_time(lambda n=n, i=part: model.run_segment(n, i), x.device, repeats) if count else 0.0)
+        if n < model.num_exits - 1:
+            h = model.run_segment(n, h)[0].clone()
+    return times

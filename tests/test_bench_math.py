@@ -53,12 +53,16 @@ def test_plain_forward_is_the_backbone():
     torch.testing.assert_close(bench.plain_forward(model, x), model(x).logits)
 
 
-def test_reached_segment_times_run_each_segment_on_the_rows_reaching_it():
+def test_run_segment_times_run_each_segment_on_the_rows_given():
+    from eefast.timing import run_segment_times
+
     model = eefast.create_model("eenet20", num_exits=3).eval()
     rows = []
     for stage in model.stages:
         stage.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
-    times = bench.reached_segment_times(model, torch.randn(20, 3, 32, 32), [10, 6, 4, 0], repeats=1)
+    times = run_segment_times(model, torch.randn(20, 3, 32, 32), [20, 10, 4, 0], repeats=1)
     assert len(times) == 4 and times[3] == 0.0 and all(t > 0 for t in times[:3])
-    # each timed segment runs warm-up + 1 repeat on the reaching rows, then once on the full batch
+    # each timed segment runs warm-up + 1 repeat on its rows, then once on the full batch
     assert rows == [20, 20, 20, 10, 10, 20, 4, 4, 20]
+    with pytest.raises(ValueError, match="expected 4 row counts"):
+        run_segment_times(model, torch.randn(2, 3, 32, 32), [2, 2])

@@ -208,3 +208,11 @@ def test_graphs_do_not_keep_the_model_alive():
         assert graphs() is None
     finally:
         gc.enable()
+
+
+def test_compaction_planning_measures_the_graphed_segments():
+    """With graphs on, the plan times the segments as predict runs them: from the graphs."""
+    model = with_stand_in_graphs(warmed_model("eenet20", num_exits=3))
+    x = torch.randn(8, *model.input_shape)
+    model.plan_compaction(x, repeats=1)
+    assert {key[1] for key in model.segment_graphs.graphs} == {1, 2, 4, 8}  # the plan's batch-size ladder
