@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from eefast.graphs import SegmentGraphs, bucket_size
+from tests.test_compaction import assert_host_reads_at_most_one_per_compacting_exit
 from tests.test_inference import MIXES, warmed_model
 
 
@@ -175,22 +176,9 @@ def test_cuda_graphs_see_in_place_parameter_updates(no_tf32):
 
 @pytest.mark.cuda
 def test_cuda_graphs_host_reads_are_at_most_one_per_compacting_exit():
-    import warnings
-
     model, x = cuda_model(num_exits=3)
     model.use_cuda_graphs()
-    for compact_at in itertools.product([False, True], repeat=3):
-        model.predict(x, compact_at=compact_at)  # captures
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                model.predict(x, compact_at=compact_at)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) <= sum(compact_at), (compact_at, [str(w.message) for w in syncs])
+    assert_host_reads_at_most_one_per_compacting_exit(model, x)
 
 
 def test_graphs_do_not_keep_the_model_alive():
