@@ -68,7 +68,7 @@ def main() -> None:
         return
 
     lines = [
-        f"# EENet-8 on the MNIST sample (Table 4.1 of the thesis)",
+        "# EENet-8 on the MNIST sample (Table 4.1 of the thesis)",
         "",
         f"`python benchmarks/mnist_table.py --filters {args.filters} --epochs {args.epochs} --seed {args.seed}` "
         f"on {platform.processor() or platform.machine()}, torch {torch.__version__}, eefast {eefast.__version__}. "

@@ -17,7 +17,7 @@ and the launch hooks live in ``triton.knobs``); with an older Triton, under the 
 launch hook is installed (a profiler), or with ``EEFAST_TRITON_FAST_LAUNCH=0``, every call goes
 through ``kernel[grid]``.
 
-Imports torch and triton only.
+Imports triton only.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-
-import torch
-import triton
 
 try:
     from triton import knobs as _knobs

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import eefast
-from eefast import ops, reference
+from eefast import ops
 
 pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason=f"Triton unavailable: {ops.TRITON_ERROR}")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -95,6 +95,16 @@ def test_moving_or_copying_the_model_drops_the_graphs():
     assert torch.equal(copied.predict(x.double()).logits, model.predict(x.double()).logits)
 
 
+def test_a_saved_model_with_graphs_loads_with_none_captured(tmp_path):
+    model = with_stand_in_graphs(warmed_model("eenet8", filters=4))
+    x = torch.randn(4, *model.input_shape)
+    want = model.predict(x)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert len(loaded.segment_graphs) == 0
+    assert torch.equal(loaded.predict(x).logits, want.logits)
+
+
 def test_training_mode_and_empty_batches_run_eagerly():
     model = with_stand_in_graphs(warmed_model("eenet8", filters=4))
     assert model.predict(torch.randn(0, *model.input_shape)).logits.shape == (0, 10)
