@@ -22,6 +22,7 @@ Imports torch only.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from collections.abc import Callable, Sequence
@@ -136,7 +137,8 @@ class SegmentGraphs:
                 self.pool = torch.cuda.graph_pool_handle()
             model_ref = weakref.ref(model)
             segment = lambda h, n=n: model_ref().segment(n, h)  # noqa: E731
-            graph = self.graphs[key] = CapturedGraph(segment, [static], self.pool, eager=self.eager)
+            with contextlib.nullcontext() if self.eager else torch.cuda.device(h.device):  # capture on h's GPU
+                graph = self.graphs[key] = CapturedGraph(segment, [static], self.pool, eager=self.eager)
         else:
             graph.inputs[0][:rows].copy_(h)
         return tuple(t[:rows] for t in graph.replay())
