@@ -107,22 +107,36 @@ def fuzz_model():
     return model.eval()
 
 
+@functools.lru_cache(maxsize=1)
+def stand_in_graphs():
+    from eefast.graphs import SegmentGraphs
+
+    return SegmentGraphs(eager=True)  # shared by every example
+
+
 @FUZZ(max_examples=int(300 * SCALE))
 @given(
     batch=st.integers(0, 6),
     thresholds=st.lists(st.floats(0, 1), min_size=2, max_size=2),
     nan_rows=st.sets(st.integers(0, 5), max_size=3),
     compact_at=st.lists(st.booleans(), min_size=2, max_size=2),
+    graphs=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_inference_modes_agree(batch, thresholds, nan_rows, compact_at, seed):
+def test_inference_modes_agree(batch, thresholds, nan_rows, compact_at, graphs, seed):
+    """compact mode (with or without the graphs' stand-in, whose padding rows keep whatever earlier
+    examples left, NaN included) against mask mode run eagerly."""
     model = fuzz_model()
     model.threshold = thresholds
     x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
     for row in nan_rows:
         if row < batch:
             x[row] = float("nan")
-    compact, mask = model.predict(x, mode="compact", compact_at=compact_at), model.predict(x, mode="mask")
+    model.segment_graphs = None
+    mask = model.predict(x, mode="mask")
+    model.segment_graphs = stand_in_graphs() if graphs else None
+    compact = model.predict(x, mode="compact", compact_at=compact_at)
+    model.segment_graphs = None
     assert torch.equal(compact.exit, mask.exit)
     torch.testing.assert_close(compact.logits, mask.logits, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(compact.cost, mask.cost)
