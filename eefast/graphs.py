@@ -9,7 +9,7 @@ whole segment (a stage and its exit head) with one launch.
 replays it: the running rows are copied into the bucket's static input, rows past them are
 padding (inference is per-sample, so they never touch the real rows), and the outputs are the
 first rows of the static outputs. Buckets are powers of two and 1.5 times powers of two
-(1, 2, 3, 4, 6, 8, 12, 16, ...): a batch pads by at most a third. Graphs are captured on first
+(1, 2, 3, 4, 6, 8, 12, 16, ...): padding is under a third of a bucket. Graphs are captured on first
 use of a (segment, bucket, input shape, dtype, layout).
 
 The graphs share one memory pool. That is safe because every replay's outputs are read (copied
