@@ -239,6 +239,7 @@ def exit_head(
     if choose_impl(impl, x) == "reference":
         return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
     relu = kind == "bnpool"
+    bn = bn if kind == "bnpool" else None  # only a bnpool exit normalises
     if kind == "plain":
         x = x.contiguous().view(x.shape[0], -1, 1, 1)  # flatten in (C, H, W) order: C*H*W channels of one pixel
     heads = (cls_weight, cls_bias, conf_weight, conf_bias)

@@ -248,6 +248,19 @@ def test_inference_half_precision_error_at_most_twice_the_reference(dtype, kind)
         assert (got.double() - want).abs().max() <= 2 * (ref.double() - want).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_batch_norm_given_to_a_pool_exit_is_ignored_as_by_the_reference(grad):
+    params, _ = make(SHAPES["non-pow2"], "pool", torch.float32)
+    _, bn = make(SHAPES["non-pow2"], "bnpool", torch.float32)
+    with torch.set_grad_enabled(grad):
+        got = ops.exit_head(params["x"], "pool", params["cls_weight"], params["cls_bias"], params["conf_weight"],
+                            params["conf_bias"], bn, impl="triton")
+        want = ops.exit_head(params["x"], "pool", params["cls_weight"], params["cls_bias"], params["conf_weight"],
+                             params["conf_bias"], None, impl="reference")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def exit_block(kind, dtype=torch.float32, seed=0):
     """An ExitBlock on the fused kernel with random batch-norm statistics, in eval mode."""
     torch.manual_seed(seed)
