@@ -41,6 +41,7 @@ def _no_hook(hook) -> bool:
 
 
 def fast_launch_available() -> bool:
+    """Whether FastLauncher may call compiled binaries here (see the module docstring)."""
     return (
         _knobs is not None
         and os.environ.get("TRITON_INTERPRET") != "1"
