@@ -17,7 +17,7 @@ out by ``compact_exits``, or into the next segment's static input, or into the r
 another graph is replayed: a later graph may reuse an earlier one's scratch memory, never
 memory whose contents are still to be read.
 
-Imports torch only.
+Imports torch and eefast.ops only.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from eefast.ops import compacted_memory_format
 
 __all__ = ["bucket_size", "capture", "CapturedGraph", "SegmentGraphs"]
 
@@ -124,14 +126,11 @@ class SegmentGraphs:
     def run(self, model, n: int, h: Tensor) -> tuple[Tensor, ...]:
         rows = h.shape[0]
         bucket = bucket_size(rows)
-        layout = torch.channels_last if (h.dim() == 4 and not h.is_contiguous()
-                                         and h.is_contiguous(memory_format=torch.channels_last)) else None
+        layout = compacted_memory_format(h)  # the layout compact_exits keeps: channels_last stays so
         key = (n, bucket, tuple(h.shape[1:]), h.dtype, layout, h.device)
         graph = self.graphs.get(key)
         if graph is None:
-            static = torch.zeros((bucket, *h.shape[1:]), dtype=h.dtype, device=h.device)
-            if layout is not None:
-                static = static.contiguous(memory_format=layout)
+            static = torch.zeros((bucket, *h.shape[1:]), dtype=h.dtype, device=h.device).contiguous(memory_format=layout)
             static[:rows].copy_(h)
             if self.pool is None and not self.eager:
                 self.pool = torch.cuda.graph_pool_handle()
