@@ -12,7 +12,6 @@ import platform
 import pytest
 import torch
 
-from eefast.timing import synchronize  # noqa: F401 (re-exported: the benchmarks wait for the device with it)
 
 
 QUICK = os.environ.get("EEFAST_BENCH_QUICK") == "1"

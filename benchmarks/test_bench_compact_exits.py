@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import QUICK, synchronize
+from benchmarks.conftest import QUICK
 from eefast import _ext, reference
+from eefast.timing import synchronize
 
 FEATURES = (16, 32, 32)  # an EENet-110 stage-1 feature map
 CLASSES = 10

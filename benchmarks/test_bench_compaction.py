@@ -16,9 +16,10 @@ import functools
 import pytest
 import torch
 
-from benchmarks.conftest import QUICK, synchronize
+from benchmarks.conftest import QUICK
 from benchmarks.workloads import controlled_mix
 from eefast.compaction import measure_compaction
+from eefast.timing import synchronize
 
 POLICIES = ["always", "never", "planned"]
 CPU_CASES = [("eenet20", 8)] if QUICK else [("eenet20", b) for b in (1, 8, 32, 256)] + [("eenet110", 256)]

@@ -16,9 +16,10 @@ import functools
 import pytest
 import torch
 
-from benchmarks.conftest import QUICK, synchronize
+from benchmarks.conftest import QUICK
 from benchmarks.workloads import MODELS, controlled_mix
 from eefast import bench
+from eefast.timing import median_time, run_segment_times, segment_times, synchronize
 
 MODES = ["plain", "mask", "compact", "sample"]
 CPU_BATCHES = (1, 8) if QUICK else (1, 32, 256)
@@ -53,13 +54,13 @@ def measure(benchmark, record, model, x, mode: str, dtype: torch.dtype, label: s
         if graphs:
             model.use_cuda_graphs()
             plain = bench.graphed_plain_forward(model, x)
-            stage_times, head_times = bench.run_segment_times(model, x, repeats=repeats), [0.0] * len(model.exits)
+            stage_times, head_times = run_segment_times(model, x, repeats=repeats), [0.0] * len(model.exits)
         else:
             plain = functools.partial(bench.plain_forward, model, x)
-            stage_times, head_times = bench.segment_times(model, x, repeats)
-        plain_time = bench.median_time(plain, device, repeats)
+            stage_times, head_times = segment_times(model, x, repeats)
+        plain_time = median_time(plain, device, repeats)
         reaching = [sum(exit_counts[n:]) for n in range(model.num_exits)]  # rows reaching each segment
-        reached = bench.run_segment_times(model, x, reaching, repeats) if mode == "compact" else None
+        reached = run_segment_times(model, x, reaching, repeats) if mode == "compact" else None
         fn = plain if mode == "plain" else functools.partial(model.predict, x, mode=mode)
 
         def run():

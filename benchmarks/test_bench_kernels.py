@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import eefast
-from benchmarks.conftest import synchronize
 from eefast import ops, reference
 from eefast.graphs import capture
+from eefast.timing import synchronize
 
 pytestmark = [
     pytest.mark.cuda,

@@ -29,7 +29,6 @@ import torch
 
 from eefast.eenet import EENet
 from eefast.graphs import capture
-from eefast.timing import median_time, run_segment_times, segment_times  # noqa: F401 (the benchmarks time with these)
 
 
 @torch.no_grad()
