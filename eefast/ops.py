@@ -363,5 +363,9 @@ def eenet_loss(
 ) -> Tensor:
     """The EENet training loss, a scalar (see eefast.reference.eenet_loss)."""
     check_loss_args(logits, conf_logits, target, costs, lam, version)
-    ce, cost = _loss_parts(logits, conf_logits, target, costs, impl)
-    return reference.combine_loss_parts(ce, cost, lam, version)
+    if choose_impl(impl, logits) == "triton":
+        # eager autograd skips the custom op's dispatch layers; torch.compile traces the custom op
+        loss_op = _triton_loss.ee_loss if torch.compiler.is_compiling() else _triton_loss.EELossEager.apply
+        per_sample, _ = loss_op(logits, conf_logits, target, costs, float(lam), version)
+        return per_sample.mean()
+    return reference.eenet_loss(logits, conf_logits, target, costs, lam, version)

@@ -42,17 +42,23 @@ for arch in (80, 90):
         for exits in (1, 3):
             blocks = {"E": exits, "BLOCK_E": triton.next_power_of_2(exits), "BLOCK_B": 16, "BLOCK_K": 16,
                       "COMPUTE": compute_tl}
-            compile_kernel(ee_loss._ee_loss_forward_kernel,
-                           {"logits_ptr": f"*{data}", "conf_ptr": f"*{data}", "target_ptr": "*i64",
-                            "costs_ptr": "*fp32", "ce_ptr": f"*{compute}", "cost_ptr": f"*{compute}",
-                            "lse_ptr": f"*{compute}"},
-                           ["B", "K", "stride_e", "stride_b"], blocks, arch)
-            compile_kernel(ee_loss._ee_loss_backward_kernel,
-                           {"grad_ce_ptr": f"*{compute}", "grad_cost_ptr": f"*{compute}", "logits_ptr": f"*{data}",
-                            "conf_ptr": f"*{data}", "target_ptr": "*i64", "costs_ptr": "*fp32",
-                            "lse_ptr": f"*{compute}", "grad_logits_ptr": f"*{data}", "grad_conf_ptr": f"*{data}"},
-                           ["B", "K", "stride_e", "stride_b"], blocks, arch)
-            count += 2
+            weights = {"cost_weight_hi": "fp32", "cost_weight_lo": "fp32"}
+            # the parts (every exit), then the per-sample loss of each version
+            for reduce, (ce_mode, cost_mode) in [(False, (2, 2)), *((True, m[:2]) for m in ee_loss.VERSION_MODES.values())]:
+                modes = {"CE_MODE": ce_mode, "COST_MODE": cost_mode}
+                compile_kernel(ee_loss._ee_loss_forward_kernel,
+                               {"logits_ptr": f"*{data}", "conf_ptr": f"*{data}", "target_ptr": "*i64",
+                                "costs_ptr": "*fp32", "ce_ptr": f"*{compute}", "cost_ptr": f"*{compute}",
+                                "lse_ptr": f"*{compute}", "loss_ptr": f"*{compute}", **weights},
+                               ["B", "K", "stride_e", "stride_b"], {**blocks, **modes, "REDUCE": reduce}, arch)
+                compile_kernel(ee_loss._ee_loss_backward_kernel,
+                               {"grad_ce_ptr": f"*{compute}", "grad_cost_ptr": f"*{compute}",
+                                "logits_ptr": f"*{data}", "conf_ptr": f"*{data}", "target_ptr": "*i64",
+                                "costs_ptr": "*fp32", "lse_ptr": f"*{compute}", "grad_logits_ptr": f"*{data}",
+                                "grad_conf_ptr": f"*{data}", **weights},
+                               ["B", "K", "stride_e", "stride_b", "gce_stride_e", "gce_stride_b", "gcost_stride_e",
+                                "gcost_stride_b"], {**blocks, **modes}, arch)
+                count += 2
         # the exit head: training (both heads in one matrix; batch norm as scale and shift) and
         # inference (heads apart, eval-mode batch norm folded in the kernel), NCHW and channels_last
         for affine, bn_stats, split, hw_contiguous in ((False, False, False, True), (True, False, False, False),
@@ -86,4 +92,5 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.strip() == str(2 * 4 * (2 * 2 + 4 + 2))  # archs x dtypes x (loss, head forward, backward)
+    # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 4 forward, 2 backward)
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 4 + 2))
