@@ -2,6 +2,8 @@
 
 ``EEFAST_BENCH_QUICK=1 pytest benchmarks/ --benchmark-disable`` runs every benchmark once on
 small shapes, without timing anything that matters: CI runs it so the suite cannot rot.
+``EEFAST_BENCH_CUDNN_BENCHMARK=1`` turns on ``torch.backends.cudnn.benchmark`` (cuDNN times its
+convolution algorithms per shape and keeps the fastest); every result records the setting.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import platform
 import pytest
 import torch
 
-
-
 QUICK = os.environ.get("EEFAST_BENCH_QUICK") == "1"
+CUDNN_BENCHMARK = os.environ.get("EEFAST_BENCH_CUDNN_BENCHMARK") == "1"
+torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
 
 
 def device_name(device: str) -> str:
@@ -35,6 +37,7 @@ def record(benchmark):
             torch=torch.__version__,
             eefast=eefast.__version__,
             extension=eefast.build_info(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
             **shapes,
         )
 

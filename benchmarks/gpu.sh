@@ -6,8 +6,10 @@
 #
 #     benchmarks/gpu.sh OUT_DIR
 #
-# writes OUT_DIR/{build.log, cuda-tests.log, exit-head-profile.txt, kernels.json, inference.json}
-# and prints the inference table (python -m eefast.bench). Without a GPU every step skips.
+# writes OUT_DIR/{build.log, cuda-tests.log, kernel-tests.log, exit-head-profile.txt, kernels.json,
+# inference.json} and prints the inference table (python -m eefast.bench). Without a GPU every step
+# skips. STEPS picks steps (default: "cuda-tests kernel-tests profile kernels inference"; the build
+# always runs); EEFAST_BENCH_CUDNN_BENCHMARK=1 passes on to the benchmarks (benchmarks/conftest.py).
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -15,6 +17,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 start=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
+want() { [[ " ${STEPS:-cuda-tests kernel-tests profile kernels inference} " == *" $1 "* ]]; }
 
 arch=$($python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability() if torch.cuda.is_available() else '')")
 $python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -23,24 +26,37 @@ MAX_JOBS=${MAX_JOBS:-16} $python -m pip install -q --no-deps --no-build-isolatio
     || { tail -30 "$out/build.log"; exit 1; }
 step "built for ${arch:-no GPU}"
 
-timeout 300 $python -m pytest -q -p no:cacheprovider -m cuda tests/ > "$out/cuda-tests.log" 2>&1
-tail -3 "$out/cuda-tests.log"
-step "cuda tests"
+if want cuda-tests; then
+    timeout 300 $python -m pytest -q -p no:cacheprovider -m cuda tests/ > "$out/cuda-tests.log" 2>&1
+    tail -3 "$out/cuda-tests.log"
+    step "cuda tests"
+fi
 
-if [ -n "$arch" ]; then
+if want kernel-tests && [ -n "$arch" ]; then  # the Triton kernels' tests, compiled for this GPU
+    timeout 400 $python -m pytest -q -p no:cacheprovider tests/test_exit_head_kernel.py tests/test_ee_loss_kernel.py \
+        > "$out/kernel-tests.log" 2>&1
+    grep -E "^(FAILED|ERROR)" "$out/kernel-tests.log" | head -20; tail -1 "$out/kernel-tests.log"
+    step "kernel tests on the GPU"
+fi
+
+if want profile && [ -n "$arch" ]; then
     timeout 120 $python -m benchmarks.profile_exit_head > "$out/exit-head-profile.txt" 2>&1
     cat "$out/exit-head-profile.txt"
     step "exit head profile"
 fi
 
-timeout 200 $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py --benchmark-only \
-    --benchmark-max-time=0.2 --benchmark-json "$out/kernels.json" > "$out/kernels.log" 2>&1
-tail -1 "$out/kernels.log"
-step "kernel benchmarks"
+if want kernels; then
+    timeout 200 $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py --benchmark-only \
+        --benchmark-max-time=0.2 --benchmark-json "$out/kernels.json" > "$out/kernels.log" 2>&1
+    tail -1 "$out/kernels.log"
+    step "kernel benchmarks"
+fi
 
-timeout 400 $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_inference.py --benchmark-only \
-    -k "cuda and (256 or 1024) and (eenet110 or eenet20) and not sample" \
-    --benchmark-json "$out/inference.json" > "$out/inference.log" 2>&1
-tail -1 "$out/inference.log"
-[ -s "$out/inference.json" ] && $python -m eefast.bench "$out/inference.json"
+if want inference; then
+    timeout 400 $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_inference.py --benchmark-only \
+        -k "cuda and ${INFERENCE_CASES:-(256 or 1024)} and (eenet110 or eenet20) and not sample" \
+        --benchmark-json "$out/inference.json" > "$out/inference.log" 2>&1
+    tail -1 "$out/inference.log"
+    [ -s "$out/inference.json" ] && $python -m eefast.bench "$out/inference.json"
+fi
 step "done"

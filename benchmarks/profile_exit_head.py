@@ -3,10 +3,12 @@ against eager PyTorch, and device time per CUDA-graph replay.
 
     python -m benchmarks.profile_exit_head > benchmarks/results/<gpu>-exit-head-profile.txt
 
-Layers, outermost first: ``ExitBlock`` in inference, ``ops.exit_head`` (without autograd: one
-launch on the parameters as stored), the bare inference launcher, and for comparison the custom
-op ``eefast::exit_head_fused`` that autograd and torch.compile use (on parameters folded ahead).
-B=256, C=64, 8x8, K=10.
+Inference, layers outermost first: ``ExitBlock`` in eval mode, ``ops.exit_head`` (without
+autograd: one launch on the parameters as stored), the bare inference launcher, and for
+comparison the custom op ``eefast::exit_head_fused`` that torch.compile uses. Training: one
+step of an ``ExitBlock`` in train mode (forward, then the gradients of every parameter and of the
+input), through the eager autograd.Function, and through the custom op as torch.compile would
+call it. B=256, C=64, 8x8, K=10.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def host_us(fn, calls: int = 2000) -> tuple[float, float]:
 
 
 def replay_us(fn, replays: int = 2000) -> float:
-    graph = capture(lambda: tuple(fn()))
+    """Microseconds per replay of a CUDA graph of ``fn`` (NaN, with the reason, if it cannot be captured)."""
+    try:
+        graph = capture(lambda: tuple(fn()))
+    except RuntimeError as error:
+        print(f"  (no CUDA graph: {str(error).splitlines()[0][:100]})")
+        return float("nan")
     graph.replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -49,12 +56,43 @@ def replay_us(fn, replays: int = 2000) -> float:
     return (time.perf_counter() - start) / replays * 1e6
 
 
-@torch.no_grad()
+def training_step(block: eefast.ExitBlock, x: torch.Tensor):
+    """One training step of the block: its outputs' gradients for the input and every parameter."""
+    params = [x, *block.parameters()]
+
+    def step():
+        logits, conf = block(x)
+        return torch.autograd.grad(logits.float().square().mean() + conf.float().mean(), params)
+    return step
+
+
+def custom_op_step(block: eefast.ExitBlock, x: torch.Tensor):
+    """The same step through the custom op (as torch.compile calls it), without running-statistics updates."""
+    from eefast.kernels import exit_head as kernel
+
+    heads = (block.classifier.weight, block.classifier.bias, block.confidence.weight, block.confidence.bias)
+    bn = block.bn
+    bn_args = (None, None, None, None, 0.0) if bn is None else (bn.weight, bn.bias, None, None, bn.eps)
+    params = [x, *block.parameters()]
+
+    def step():
+        logits, conf, _, _ = kernel.exit_head_fused(x, *heads, *bn_args, bn is not None, bn is not None)
+        return torch.autograd.grad(logits.float().square().mean() + conf.float().mean(), params)
+    return step
+
+
+def report(name: str, fn) -> None:
+    host, synced = host_us(fn)
+    print(f"  {name:<44} {host:>12.1f} {synced:>10.1f} {replay_us(fn):>12.1f}")
+
+
 def main() -> None:
     from eefast.kernels import exit_head as kernel
 
     batch, channels, size, classes = 256, 64, 8, 10
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, eefast {eefast.__version__}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"eefast {eefast.__version__}")
+    header = f"  {'layer':<44} {'host us/call':>12} {'with sync':>10} {'graph replay':>12}"
     for kind in ("pool", "bnpool"):
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
@@ -66,24 +104,29 @@ def main() -> None:
             bn = None if fused.bn is None else eefast.reference.BatchNormArgs(
                 fused.bn.weight, fused.bn.bias, fused.bn.running_mean, fused.bn.running_var, False, 0.1, fused.bn.eps)
             bn_stats = None if bn is None else (*bn[:4], bn.eps)
-            weight, bias = torch.cat(heads[0::2]), torch.cat(heads[1::2])
-            scale, shift = (None, None) if bn is None else ops._batch_norm_affine(x, bn)
+            bn_op_args = (None, None, None, None, 0.0) if bn is None else (*bn[:4], bn.eps)
             relu = kind == "bnpool"
             layers = {
                 "ExitBlock, fused (inference path)": lambda: fused(x),
                 "ops.exit_head, fused": lambda: ops.exit_head(x, kind, *heads, bn, impl="triton"),
-                "launcher exit_head_inference_launch": lambda: (kernel.exit_head_inference_launch(
-                    x, *heads, bn_stats, relu),),
-                "custom op exit_head_fused (pre-folded)": lambda: kernel.exit_head_fused(
-                    x, weight, bias, scale, shift, relu),
+                "launcher exit_head_inference_launch": lambda: kernel.exit_head_inference_launch(
+                    x, *heads, bn_stats, relu),
+                "custom op exit_head_fused": lambda: kernel.exit_head_fused(x, *heads, *bn_op_args, False, relu),
                 "ExitBlock, eager PyTorch": lambda: eager(x),
             }
-            print(f"\nexit head {kind} {str(dtype)[6:]} B={batch} C={channels} {size}x{size} K={classes}")
-            print(f"  {'layer':<40} {'host us/call':>12} {'with sync':>10} {'graph replay':>12}")
-            for name, fn in layers.items():
-                host, synced = host_us(fn)
-                print(f"  {name:<40} {host:>12.1f} {synced:>10.1f} {replay_us(fn):>12.1f}")
-    launches = kernel._launch_forward.launches
+            print(f"\nexit head inference {kind} {str(dtype)[6:]} B={batch} C={channels} {size}x{size} K={classes}")
+            print(header)
+            with torch.no_grad():
+                for name, fn in layers.items():
+                    report(name, fn)
+            print(f"exit head training step {kind} {str(dtype)[6:]} (forward + backward, batch statistics)")
+            print(header)
+            x_grad = x.clone().requires_grad_()
+            fused.train(), eager.train()
+            report("ExitBlock, fused (eager autograd.Function)", training_step(fused, x_grad))
+            report("custom op exit_head_fused (as compiled)", custom_op_step(fused, x_grad))
+            report("ExitBlock, eager PyTorch", training_step(eager, x_grad))
+    launches = kernel._launch_forward.launches + kernel._launch_backward.launches
     print(f"\ntriton {triton.__version__}: {launches} launches went straight to the compiled binary (kernels/launch.py)")
 
 

@@ -2,8 +2,9 @@
 
     pytest benchmarks/test_bench_kernels.py --benchmark-only --benchmark-json benchmarks/results/<gpu>-kernels.json
 
-Each case runs forward, backward, or both; extra_info records the median, p20 and p80 (ms) and
-the peak memory of one step beyond its inputs.
+Each case runs forward, backward, or both; extra_info records the median, p20 and p80 (ms), the
+peak memory of one step beyond its inputs, and (with a backward) the bytes of the gradients the
+step returns, which every implementation's peak includes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def timed_step(benchmark, step, inputs, passes, forward=None):
             synchronize("cuda")
 
     timed(benchmark, run)
+    if passes != "forward":  # what any implementation must allocate: the gradients it returns
+        benchmark.extra_info["gradient_bytes"] = sum(t.numel() * t.element_size() for t in grads_of)
 
 
 def timed(benchmark, run):

@@ -238,24 +238,26 @@ def exit_head(
         raise ValueError("exit_head: kind 'bnpool' needs bn=BatchNormArgs(...), got None")
     if choose_impl(impl, x) == "reference":
         return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
-    relu = kind == "bnpool"
-    bn = bn if kind == "bnpool" else None  # only a bnpool exit normalises
+    normalizes = kind == "bnpool"  # only a bnpool exit normalises (and rectifies)
+    bn = bn if normalizes else None
     if kind == "plain":
         x = x.contiguous().view(x.shape[0], -1, 1, 1)  # flatten in (C, H, W) order: C*H*W channels of one pixel
     heads = (cls_weight, cls_bias, conf_weight, conf_bias)
     if _inference(x, heads, bn):
         # one launch on the parameters as stored: without autograd or torch.compile watching, the
-        # custom op and the folding around it would cost more host time than the kernel runs
+        # custom op around it would cost more host time than the kernel runs
         bn_stats = None if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        out = _triton_head.exit_head_inference_launch(x, *heads, bn_stats, relu)
-    else:
-        scale = shift = None
-        if kind == "bnpool":
-            scale, shift = _batch_norm_affine(x, bn)
-        weight = torch.cat([cls_weight, conf_weight])  # [K+1, F]: both heads in one matrix
-        bias = torch.cat([cls_bias, conf_bias])
-        out, _ = _triton_head.exit_head_fused(x, weight, bias, scale, shift, relu)
-    return out[:, :-1], out[:, -1]
+        return _triton_head.exit_head_inference_launch(x, *heads, bn_stats, normalizes)
+    batch_stats = bn is not None and (bn.training or bn.running_mean is None)
+    bn_args = (None, None, None, None, 0.0) if bn is None else (
+        bn.weight, bn.bias, None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
+        float(bn.eps))
+    # eager autograd skips the custom op's dispatch layers; torch.compile traces the custom op
+    head = _triton_head.exit_head_fused if torch.compiler.is_compiling() else _triton_head.ExitHeadEager.apply
+    logits, conf, _, stats = head(x, *heads, *bn_args, batch_stats, normalizes)
+    if batch_stats and bn.training and bn.running_mean is not None:
+        _update_running_stats(bn, stats[0], stats[1], x.numel() // x.shape[1])
+    return logits, conf
 
 
 def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None) -> bool:
@@ -269,28 +271,12 @@ def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs
     return bn is None or not (bn.training or any(t is None for t in bn[:4]))
 
 
-def _batch_norm_affine(x: Tensor, bn: reference.BatchNormArgs) -> tuple[Tensor, Tensor]:
-    """Batch norm as a per-channel (scale, shift): from the batch statistics when training (then the
-    running statistics are updated as nn.BatchNorm2d does, and autograd sees the statistics' path
-    to x), else from the running statistics."""
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # as batch norm's opmath
-    if bn.training or bn.running_mean is None:
-        var, mean = torch.var_mean(x.to(compute), dim=(0, 2, 3), unbiased=False)
-        if bn.training and bn.running_mean is not None:
-            count = x.numel() // x.shape[1]
-            with torch.no_grad():
-                bn.running_mean.mul_(1 - bn.momentum).add_(mean.detach().to(bn.running_mean.dtype), alpha=bn.momentum)
-                unbiased = var.detach() * (count / max(count - 1, 1))
-                bn.running_var.mul_(1 - bn.momentum).add_(unbiased.to(bn.running_var.dtype), alpha=bn.momentum)
-    else:
-        mean, var = bn.running_mean.to(compute), bn.running_var.to(compute)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(compute)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(compute)
-    return scale, shift
+def _update_running_stats(bn: reference.BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
+    """nn.BatchNorm2d's update: running = (1 - momentum) * running + momentum * batch statistic, with
+    the variance unbiased."""
+    with torch.no_grad():
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), bn.momentum)
+        bn.running_var.lerp_((var * (count / max(count - 1, 1))).to(bn.running_var.dtype), bn.momentum)
 
 
 def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor, lam: float, version: str) -> None:

@@ -1,25 +1,30 @@
-"""Fused exit head: (x * scale + shift) -> ReLU -> global average pool -> both linear heads.
+"""Fused exit head: batch norm -> ReLU -> global average pool -> both linear heads, forward and backward.
 
-Top to bottom: the forward and backward kernels, their launchers, and the custom ops
-``eefast::exit_head_fused`` (+ its backward) registered with fake kernels and autograd.
+Top to bottom: the kernels, their launchers, the custom ops ``eefast::exit_head_fused`` (+ its
+backward) registered with fake kernels and autograd, and the same autograd formula as a
+``torch.autograd.Function`` for eager training.
 
-``exit_head_fused(x [B, C, H, W], weight [K+1, C], bias [K+1], scale [C]?, shift [C]?, relu)``
-returns ``out [B, K+1]`` (the class logits and, in the last column, the confidence logit) and
-``pooled [B, C]`` (float32, kept for the backward). One program per sample reads its feature
-map once, channel block by channel block (NCHW or channels_last: any layout where h and w
-flatten into one stride), and then applies the two heads as one [K+1, C] matrix. Batch norm
-enters as a per-channel scale and shift (in training mode eefast.ops computes them from the
-batch statistics with autograd, so their gradient reaches x through torch). A ``plain`` exit is
-the same kernel on x viewed as [B, C*H*W, 1, 1].
+Forward: one program per sample reads its feature map once, channel block by channel block
+(NCHW or channels_last: any layout where h and w flatten into one stride), normalises it with
+the batch norm's weight, bias, mean and variance (folded per channel in the kernel), rectifies,
+pools, and applies the class head [K, C] and the confidence head [1, C] as one [K+1, C] matrix,
+writing the class logits [B, K], the confidence logits [B] and the pooled features [B, C]
+(float32, kept for the backward). A ``plain`` exit is the same kernel on x viewed as
+[B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
+with the batch's (torch.var_mean inside the op), which the op returns so that eefast.ops updates
+the running statistics as nn.BatchNorm2d does.
+
+Backward: the heads' gradients are matrix products (torch). One program per sample writes dL/dx
+in x's layout and that sample's sums of dL/dz and dL/dz * x_hat (z the normalised input of the
+ReLU), whose batch totals are the gradients of the batch norm's bias and weight. With batch
+statistics dL/dx needs those totals, so a first launch writes the sums and a second, after torch
+adds them up, writes dL/dx.
 
 Inference (no autograd, no torch.compile) skips the custom op: ``exit_head_inference_launch``
-runs the same kernel on the parameters as stored, the [K+1, C] matrix's rows 0..K-1 read from
-the class head and row K from the confidence head, and eval-mode batch norm folded from its
-running statistics inside the kernel: one launch, nothing prepared per call or cached.
+runs the forward kernel on the parameters as stored, one launch and nothing else; eager training
+runs ``ExitHeadEager``, the custom op's formula without the dispatcher's layers around each call.
 
-The backward writes dL/dx in x's layout and per-sample partial sums for dL/dscale and
-dL/dshift; the heads' gradients are two small matrix products. Arithmetic is in float32
-(float64 for float64 inputs).
+Arithmetic is in float32 (float64 for float64 inputs).
 
 Imports torch and triton only.
 """
@@ -39,28 +44,39 @@ from .launch import FastLauncher
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-_FORWARD_INTS = ["C", "HW", "K1", "stride_b", "stride_c", "stride_hw"]
-_FORWARD_POINTERS = ["x_ptr", "weight_ptr", "bias_ptr", "conf_weight_ptr", "conf_bias_ptr", "scale_ptr",
-                     "shift_ptr", "mean_ptr", "var_ptr", "out_ptr", "pooled_ptr"]
+@triton.jit
+def _batch_norm_fold(weight_ptr, bias_ptr, mean_ptr, var_ptr, channels, c_mask, eps, COMPUTE: tl.constexpr):
+    """Batch norm per channel as z = x * scale + shift: (scale, shift, mean, rstd), each [BLOCK_C]."""
+    mean = tl.load(mean_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
+    var = tl.load(var_ptr + channels, mask=c_mask, other=1.0).to(COMPUTE)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = tl.load(weight_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE) * rstd
+    shift = tl.load(bias_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE) - mean * scale
+    return scale, shift, mean, rstd
+
+
+_FORWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"]
+_FORWARD_POINTERS = ["x_ptr", "cls_weight_ptr", "cls_bias_ptr", "conf_weight_ptr", "conf_bias_ptr", "bn_weight_ptr",
+                     "bn_bias_ptr", "mean_ptr", "var_ptr", "logits_ptr", "conf_ptr", "pooled_ptr"]
 
 
 # No value-based specialisation: the binaries are launched again by key (kernels/launch.py).
 @triton.jit(do_not_specialize=_FORWARD_INTS, do_not_specialize_on_alignment=_FORWARD_POINTERS)
 def _exit_head_forward_kernel(
     x_ptr,  # [B, C, H*W] features, strides (stride_b, stride_c, stride_hw)
-    weight_ptr,  # [K1, C] both heads (K1 = K + 1), contiguous; SPLIT_HEADS: [K, C], the class head only
-    bias_ptr,  # [K1]; SPLIT_HEADS: [K]
-    conf_weight_ptr,  # [1, C] (SPLIT_HEADS: the confidence head, row K of the [K1, C] matrix)
-    conf_bias_ptr,  # [1] (SPLIT_HEADS)
-    scale_ptr,  # [C] (HAS_AFFINE); BN_STATS: the batch norm's weight
-    shift_ptr,  # [C] (HAS_AFFINE); BN_STATS: the batch norm's bias
-    mean_ptr,  # [C] running mean (BN_STATS)
-    var_ptr,  # [C] running variance (BN_STATS)
-    out_ptr,  # [B, K1] out
+    cls_weight_ptr,  # [K, C] class head, contiguous
+    cls_bias_ptr,  # [K]
+    conf_weight_ptr,  # [1, C] confidence head (row K of the [K+1, C] matrix)
+    conf_bias_ptr,  # [1]
+    bn_weight_ptr,  # [C] (BN)
+    bn_bias_ptr,  # [C] (BN)
+    mean_ptr,  # [C] (BN) the running or the batch mean
+    var_ptr,  # [C] (BN) the running or the batch (biased) variance
+    logits_ptr,  # [B, K] out
+    conf_ptr,  # [B] out
     pooled_ptr,  # [B, C] out, contiguous
-    C, HW, K1, stride_b, stride_c, stride_hw, eps,
-    HAS_AFFINE: tl.constexpr, BN_STATS: tl.constexpr, SPLIT_HEADS: tl.constexpr, RELU: tl.constexpr,
-    HW_CONTIGUOUS: tl.constexpr,
+    C, HW, K, stride_b, stride_c, stride_hw, eps,
+    BN: tl.constexpr, RELU: tl.constexpr, HW_CONTIGUOUS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -69,14 +85,9 @@ def _exit_head_forward_kernel(
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
-        if HAS_AFFINE:
-            scale = tl.load(scale_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
-            shift = tl.load(shift_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
-            if BN_STATS:  # fold the running statistics: w / sqrt(var + eps), b - mean * w / sqrt(var + eps)
-                mean = tl.load(mean_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
-                var = tl.load(var_ptr + channels, mask=c_mask, other=1.0).to(COMPUTE)
-                scale = scale / tl.sqrt(var + eps)
-                shift = shift - mean * scale
+        if BN:
+            scale, shift, _, _ = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels, c_mask,
+                                                  eps, COMPUTE)
         total = tl.zeros([BLOCK_C], COMPUTE)
         for p0 in range(0, HW, BLOCK_HW):
             pixels = p0 + tl.arange(0, BLOCK_HW)
@@ -84,86 +95,100 @@ def _exit_head_forward_kernel(
             pixel_offsets = pixels if HW_CONTIGUOUS else pixels * stride_hw
             x = tl.load(x_row + channels[:, None] * stride_c + pixel_offsets[None, :], mask=mask, other=0.0)
             z = x.to(COMPUTE)
-            if HAS_AFFINE:
+            if BN:
                 z = z * scale[:, None] + shift[:, None]
             if RELU:
                 z = tl.maximum(z, 0.0)
             total += tl.sum(tl.where(mask, z, 0.0), axis=1)
         tl.store(pooled_ptr + b * C + channels, total / HW, mask=c_mask)
     tl.debug_barrier()  # this program reads back the pooled row it wrote
-    # 2. both heads: out[k] = sum_c pooled[c] * weight[k, c] + bias[k]
-    for k0 in range(0, K1, BLOCK_K):
+    # 2. both heads as one [K+1, C] matrix: rows 0..K-1 the class head, row K the confidence head
+    for k0 in range(0, K + 1, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rows < K1
-        class_rows = (rows < K1 - 1) if SPLIT_HEADS else k_mask  # rows read from weight_ptr
+        is_class = rows < K
+        is_conf = rows == K
         acc = tl.zeros([BLOCK_K], COMPUTE)
         for c0 in range(0, C, BLOCK_C):
             channels = c0 + tl.arange(0, BLOCK_C)
             c_mask = channels < C
             pooled = tl.load(pooled_ptr + b * C + channels, mask=c_mask, other=0.0)
-            w = tl.load(weight_ptr + rows[:, None] * C + channels[None, :],
-                        mask=class_rows[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
-            if SPLIT_HEADS:  # row K1 - 1 from the confidence head
-                w += tl.load(conf_weight_ptr + (rows[:, None] - (K1 - 1)) * C + channels[None, :],
-                             mask=(rows == K1 - 1)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+            w = tl.load(cls_weight_ptr + rows[:, None] * C + channels[None, :],
+                        mask=is_class[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+            w += tl.load(conf_weight_ptr + (rows[:, None] - K) * C + channels[None, :],
+                         mask=is_conf[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
             acc += tl.sum(w * pooled[None, :], axis=1)
-        acc += tl.load(bias_ptr + rows, mask=class_rows, other=0.0).to(COMPUTE)
-        if SPLIT_HEADS:
-            acc += tl.load(conf_bias_ptr + (rows - (K1 - 1)), mask=rows == K1 - 1, other=0.0).to(COMPUTE)
-        tl.store(out_ptr + b * K1 + rows, acc.to(out_ptr.dtype.element_ty), mask=k_mask)
+        acc += tl.load(cls_bias_ptr + rows, mask=is_class, other=0.0).to(COMPUTE)
+        acc += tl.load(conf_bias_ptr + (rows - K), mask=is_conf, other=0.0).to(COMPUTE)
+        tl.store(logits_ptr + b * K + rows, acc.to(logits_ptr.dtype.element_ty), mask=is_class)
+        tl.store(conf_ptr + b + (rows - K), acc.to(conf_ptr.dtype.element_ty), mask=is_conf)
 
 
-_BACKWARD_INTS = ["C", "HW", "stride_b", "stride_c", "stride_hw"]
-_BACKWARD_POINTERS = ["grad_pooled_ptr", "x_ptr", "scale_ptr", "shift_ptr", "grad_x_ptr", "grad_scale_ptr",
-                      "grad_shift_ptr"]
+_BACKWARD_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw"]
+_BACKWARD_POINTERS = ["grad_pooled_ptr", "x_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "totals_ptr",
+                      "grad_x_ptr", "partials_ptr"]
 
 
 @triton.jit(do_not_specialize=_BACKWARD_INTS, do_not_specialize_on_alignment=_BACKWARD_POINTERS)
 def _exit_head_backward_kernel(
     grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64
     x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
-    scale_ptr,  # [C]
-    shift_ptr,  # [C]
-    grad_x_ptr,  # [B, C, H*W] out, same strides as x
-    grad_scale_ptr,  # [B, C] out: per-sample partial sums of dL/dscale
-    grad_shift_ptr,  # [B, C] out: per-sample partial sums of dL/dshift
-    C, HW, stride_b, stride_c, stride_hw,
-    HAS_AFFINE: tl.constexpr, RELU: tl.constexpr,
+    bn_weight_ptr,  # [C] (BN)
+    bn_bias_ptr,  # [C] (BN)
+    mean_ptr,  # [C] (BN)
+    var_ptr,  # [C] (BN)
+    totals_ptr,  # [2, C] (BATCH_STATS and WRITE_GRAD_X): batch sums of dL/dz and of dL/dz * x_hat
+    grad_x_ptr,  # [B, C, H*W] out (WRITE_GRAD_X), same strides as x
+    partials_ptr,  # [2, B, C] out (WRITE_PARTIALS): this sample's sums of dL/dz and of dL/dz * x_hat
+    B, C, HW, stride_b, stride_c, stride_hw, eps,
+    BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
+    WRITE_GRAD_X: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
 ):
+    tl.static_assert(BN or not (WRITE_PARTIALS or BATCH_STATS), "the per-sample sums are batch norm's")
     b = tl.program_id(0)
     x_row = x_ptr + b.to(tl.int64) * stride_b
     grad_x_row = grad_x_ptr + b.to(tl.int64) * stride_b
+    count = tl.cast(B, COMPUTE) * tl.cast(HW, COMPUTE)  # values per channel in the batch
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
-        grad_z = tl.load(grad_pooled_ptr + b * C + channels, mask=c_mask, other=0.0).to(COMPUTE) / HW
-        if HAS_AFFINE:
-            scale = tl.load(scale_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
-            shift = tl.load(shift_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
-        sum_gx = tl.zeros([BLOCK_C], COMPUTE)
+        grad_pool = tl.load(grad_pooled_ptr + b * C + channels, mask=c_mask, other=0.0).to(COMPUTE) / HW
+        if BN:
+            scale, shift, mean, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels,
+                                                        c_mask, eps, COMPUTE)
+            if BATCH_STATS and WRITE_GRAD_X:  # z = x_hat * w + b with x_hat from the batch's mean and variance
+                total_g = tl.load(totals_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
+                total_g_xhat = tl.load(totals_ptr + C + channels, mask=c_mask, other=0.0).to(COMPUTE)
         sum_g = tl.zeros([BLOCK_C], COMPUTE)
+        sum_g_xhat = tl.zeros([BLOCK_C], COMPUTE)
         for p0 in range(0, HW, BLOCK_HW):
             pixels = p0 + tl.arange(0, BLOCK_HW)
             mask = c_mask[:, None] & (pixels < HW)[None, :]
             offsets = channels[:, None] * stride_c + pixels[None, :] * stride_hw
             x = tl.load(x_row + offsets, mask=mask, other=0.0).to(COMPUTE)
-            g = grad_z[:, None] + tl.zeros([BLOCK_C, BLOCK_HW], COMPUTE)  # dL/dz
+            g = grad_pool[:, None] + tl.zeros([BLOCK_C, BLOCK_HW], COMPUTE)  # dL/dz
             if RELU:
                 z = x
-                if HAS_AFFINE:
+                if BN:
                     z = x * scale[:, None] + shift[:, None]
                 g = tl.where(z > 0.0, g, 0.0)
             g = tl.where(mask, g, 0.0)
-            grad_x = g
-            if HAS_AFFINE:
-                grad_x = g * scale[:, None]
-                sum_gx += tl.sum(g * x, axis=1)
+            if BN:
+                x_hat = (x - mean[:, None]) * rstd[:, None]
+            if WRITE_GRAD_X:
+                grad_x = g
+                if BN:
+                    if BATCH_STATS:  # through the batch's mean and variance as well
+                        grad_x = scale[:, None] * (g - (total_g[:, None] + x_hat * total_g_xhat[:, None]) / count)
+                    else:
+                        grad_x = g * scale[:, None]
+                tl.store(grad_x_row + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            if WRITE_PARTIALS:
                 sum_g += tl.sum(g, axis=1)
-            tl.store(grad_x_row + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-        if HAS_AFFINE:
-            tl.store(grad_scale_ptr + b * C + channels, sum_gx, mask=c_mask)
-            tl.store(grad_shift_ptr + b * C + channels, sum_g, mask=c_mask)
+                sum_g_xhat += tl.sum(tl.where(mask, g * x_hat, 0.0), axis=1)
+        if WRITE_PARTIALS:
+            tl.store(partials_ptr + b * C + channels, sum_g, mask=c_mask)
+            tl.store(partials_ptr + B * C + b * C + channels, sum_g_xhat, mask=c_mask)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -202,101 +227,147 @@ def _blocks(channels: int, pixels: int, heads: int = 1) -> tuple[int, int, int]:
     return block_c, block_hw, block_k
 
 
-def _check(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None,
-           classes_only: bool = False) -> None:
+def _check(x: Tensor, cls_weight: Tensor, cls_bias: Tensor, conf_weight: Tensor, conf_bias: Tensor,
+           bn_tensors: tuple[Tensor | None, ...] = ()) -> None:
     if x.dim() != 4:
         raise ValueError(f"exit_head_fused: expected x of shape [B, C, H, W], got {list(x.shape)}")
     channels = x.shape[1]
-    if weight.dim() != 2 or weight.shape[1] != channels or bias.shape != (weight.shape[0],):
-        rows = "K" if classes_only else "K+1"
+    if cls_weight.dim() != 2 or cls_weight.shape[1] != channels or cls_bias.shape != (cls_weight.shape[0],):
         raise ValueError(
-            f"exit_head_fused: expected weight [{rows}, {channels}] and bias [{rows}], got {list(weight.shape)} and "
-            f"{list(bias.shape)}"
+            f"exit_head_fused: expected cls_weight [K, {channels}] and cls_bias [K], got {list(cls_weight.shape)} "
+            f"and {list(cls_bias.shape)}"
         )
-    if (scale is None) != (shift is None) or (scale is not None and (scale.shape != (channels,) or shift.shape != (channels,))):
-        raise ValueError(f"exit_head_fused: expected scale and shift of shape [{channels}] or neither")
+    if conf_weight.shape != (1, channels) or conf_bias.shape != (1,):
+        raise ValueError(f"exit_head_fused: expected conf_weight [1, {channels}] and conf_bias [1], "
+                         f"got {list(conf_weight.shape)} and {list(conf_bias.shape)}")
+    for tensor in bn_tensors:
+        if tensor is not None and tensor.shape != (channels,):
+            raise ValueError(f"exit_head_fused: expected batch-norm tensors of shape [{channels}], got {list(tensor.shape)}")
 
 
-def exit_head_forward_launch(x, weight, bias, scale, shift, relu):
-    """(out [B, K+1], pooled [B, C]): the kernel with both heads in one matrix and batch norm (if
-    any) as a per-channel scale and shift."""
-    _check(x, weight, bias, scale, shift)
-    return _forward(x, weight, bias, None, None, scale, shift, None, relu)
+def _normalizes(running_mean: Tensor | None, batch_stats: bool) -> bool:
+    return batch_stats or running_mean is not None
+
+
+def _batch_norm_tensors(x, bn_weight, bn_bias, mean, var):
+    """The four [C] tensors the kernels read (ones and zeros for a batch norm without affine
+    parameters), or x four times (unread) without batch norm."""
+    if mean is None:
+        return x, x, x, x
+    if bn_weight is None:
+        bn_weight = torch.ones_like(mean)
+    if bn_bias is None:
+        bn_bias = torch.zeros_like(mean)
+    return bn_weight, bn_bias, mean, var
+
+
+def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu):
+    """(logits [B, K], conf [B], pooled [B, C]); batch norm with (mean, var) unless mean is None."""
+    batch, channels, height, width = x.shape
+    classes = cls_weight.shape[0]
+    x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
+    compute = _compute_dtype(x.dtype)
+    out_dtype = torch.float32 if _interpreted_bf16(x.dtype) else x.dtype
+    logits = torch.empty(batch, classes, dtype=out_dtype, device=x.device)
+    conf = torch.empty(batch, dtype=out_dtype, device=x.device)
+    pooled = torch.empty(batch, channels, dtype=compute, device=x.device)
+    if batch > 0:
+        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1)
+        bn = mean is not None
+        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
+        heads = [t if t.is_contiguous() else t.contiguous() for t in (cls_weight, cls_bias, conf_weight, conf_bias)]
+        hw_contiguous = stride_hw == 1
+        key = (x.dtype, *(t.dtype for t in heads), *(t.dtype for t in bn_tensors), out_dtype, bn, relu, hw_contiguous,
+               block_c, block_hw, block_k)
+        _launch_forward(
+            key, (batch,),
+            (x, *heads, *bn_tensors, logits, conf, pooled,
+             channels, height * width, classes, stride_b, stride_c, stride_hw, float(eps)),
+            dict(BN=bn, RELU=relu, HW_CONTIGUOUS=hw_contiguous, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
+                 COMPUTE=_tl_dtype(compute)),
+        )
+    if out_dtype != x.dtype:
+        logits, conf = logits.to(x.dtype), conf.to(x.dtype)
+    return logits, conf, pooled
 
 
 def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_stats, relu):
-    """out [B, K+1] for inference, from the parameters as they are stored: the two heads' weights
-    (rows 0..K-1 and K of the [K+1, C] matrix) and biases apart, and the batch norm's eval-mode
-    state ``bn_stats = (weight, bias, running_mean, running_var, eps)`` (or None) folded in the
-    kernel. One launch and no other work: nothing to fold again when the parameters change, and
-    a CUDA graph of it reads the parameters themselves."""
-    scale, shift = (None, None) if bn_stats is None else bn_stats[:2]
-    _check(x, cls_weight, cls_bias, scale, shift, classes_only=True)
-    if conf_weight.shape != (1, x.shape[1]) or conf_bias.shape != (1,):
-        raise ValueError(f"exit_head_inference_launch: expected conf_weight [1, {x.shape[1]}] and conf_bias [1], "
-                         f"got {list(conf_weight.shape)} and {list(conf_bias.shape)}")
-    return _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, scale, shift, bn_stats, relu)[0]
+    """(logits [B, K], conf [B]) for inference, from the parameters as they are stored and the
+    batch norm's eval-mode state ``bn_stats = (weight, bias, running_mean, running_var, eps)`` (or
+    None) folded in the kernel. One launch and no other work: nothing to fold again when the
+    parameters change, and a CUDA graph of it reads the parameters themselves."""
+    bn_weight, bn_bias, mean, var, eps = (None, None, None, None, 0.0) if bn_stats is None else bn_stats
+    _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, mean, var))
+    return _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu)[:2]
 
 
-def _forward(x, weight, bias, conf_weight, conf_bias, scale, shift, bn_stats, relu):
-    batch, channels, height, width = x.shape
-    split_heads = conf_weight is not None
-    heads = weight.shape[0] + split_heads  # K + 1
-    x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
-    weight, bias = weight.contiguous(), bias.contiguous()
+def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, running_mean,
+                             running_var, eps, batch_stats, relu):
+    """(logits [B, K], conf [B], pooled [B, C], batch_stats [2, C]). With ``batch_stats`` batch
+    norm uses the batch's mean and biased variance, which are returned (rows 0 and 1); otherwise
+    the running statistics (if given), and the last output is [0, C]."""
+    _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
     compute = _compute_dtype(x.dtype)
-    out_dtype = torch.float32 if _interpreted_bf16(x.dtype) else x.dtype
-    out = torch.empty(batch, heads, dtype=out_dtype, device=x.device)
-    pooled = torch.empty(batch, channels, dtype=compute, device=x.device)
-    if batch > 0:
-        block_c, block_hw, block_k = _blocks(channels, height * width, heads)
-        has_affine = scale is not None
-        if has_affine:
-            scale, shift = scale.contiguous(), shift.contiguous()
-        mean, var, eps = (x, x, 0.0) if bn_stats is None else (bn_stats[2], bn_stats[3], float(bn_stats[4]))
-        if split_heads:
-            conf_weight, conf_bias = conf_weight.contiguous(), conf_bias.contiguous()
-        hw_contiguous = stride_hw == 1
-        key = (x.dtype, weight.dtype, bias.dtype, scale.dtype if has_affine else None,
-               shift.dtype if has_affine else None, mean.dtype, var.dtype,
-               conf_weight.dtype if split_heads else None, conf_bias.dtype if split_heads else None,
-               out_dtype, bn_stats is not None, relu, hw_contiguous, block_c, block_hw, block_k)
-        _launch_forward(
-            key, (batch,),
-            (x, weight, bias, conf_weight if split_heads else x, conf_bias if split_heads else x,
-             scale if has_affine else x, shift if has_affine else x, mean, var, out, pooled,
-             channels, height * width, heads, stride_b, stride_c, stride_hw, eps),
-            dict(HAS_AFFINE=has_affine, BN_STATS=bn_stats is not None, SPLIT_HEADS=split_heads, RELU=relu,
-                 HW_CONTIGUOUS=hw_contiguous, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
-                 COMPUTE=_tl_dtype(compute)),
-        )
-    return (out if out.dtype == x.dtype else out.to(x.dtype)), pooled
+    if batch_stats:
+        var, mean = torch.var_mean(x if x.dtype == compute else x.to(compute), dim=(0, 2, 3), unbiased=False)
+        stats = torch.stack([mean, var])
+    else:
+        mean, var = running_mean, running_var
+        stats = x.new_empty(0, x.shape[1], dtype=compute)
+    return (*_forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu),
+            stats)
 
 
-def exit_head_backward_launch(grad_pooled, x, scale, shift, relu):
+def _pool_backward(grad_pooled, x, bn_weight, bn_bias, mean, var, eps, batch_stats, relu):
+    """(dL/dx in x's layout, [2, C] batch sums of dL/dz and dL/dz * x_hat: the gradients of the batch
+    norm's bias and weight; [0, C] without batch norm) from dL/d pooled [B, C]."""
     batch, channels, height, width = x.shape
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
-    grad_pooled = grad_pooled.contiguous()
+    compute = grad_pooled.dtype
     grad_dtype = torch.float32 if _interpreted_bf16(x.dtype) else x.dtype
     grad_x = torch.empty_strided(x.shape, x.stride(), dtype=grad_dtype, device=x.device)
-    has_affine = scale is not None
-    partial_shape = (batch, channels) if has_affine else (0, 0)
-    grad_scale = torch.empty(partial_shape, dtype=grad_pooled.dtype, device=x.device)
-    grad_shift = torch.empty(partial_shape, dtype=grad_pooled.dtype, device=x.device)
+    bn = mean is not None
+    partials = torch.empty((2, batch, channels) if bn else (0, 0, channels), dtype=compute, device=x.device)
+    totals = torch.zeros((2 if bn else 0, channels), dtype=compute, device=x.device) if batch == 0 else None
     if batch > 0:
         block_c, block_hw, _ = _blocks(channels, height * width)
-        if has_affine:
-            scale, shift = scale.contiguous(), shift.contiguous()
-        key = (grad_pooled.dtype, x.dtype, scale.dtype if has_affine else None, shift.dtype if has_affine else None,
-               grad_dtype, relu, block_c, block_hw)
-        _launch_backward(
-            key, (batch,),
-            (grad_pooled, x, scale if has_affine else x, shift if has_affine else x, grad_x, grad_scale, grad_shift,
-             channels, height * width, stride_b, stride_c, stride_hw),
-            dict(HAS_AFFINE=has_affine, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                 COMPUTE=_tl_dtype(grad_pooled.dtype)),
-        )
-    return grad_x.to(x.dtype), grad_scale, grad_shift
+        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
+        key = (compute, x.dtype, *(t.dtype for t in bn_tensors), grad_dtype, bn, relu, batch_stats, block_c, block_hw)
+
+        def launch(write_grad_x, write_partials, totals=partials):  # (totals are read only in the dL/dx pass)
+            _launch_backward(
+                (*key, write_grad_x, write_partials), (batch,),
+                (grad_pooled, x, *bn_tensors, totals, grad_x, partials,
+                 batch, channels, height * width, stride_b, stride_c, stride_hw, float(eps)),
+                dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, WRITE_GRAD_X=write_grad_x,
+                     WRITE_PARTIALS=write_partials, BLOCK_C=block_c, BLOCK_HW=block_hw, COMPUTE=_tl_dtype(compute)),
+            )
+
+        if not bn:
+            launch(True, False)
+            totals = partials.sum(1)  # [0, C]
+        elif not batch_stats:
+            launch(True, True)
+            totals = partials.sum(1)
+        else:  # dL/dx needs the batch sums first
+            launch(False, True)
+            totals = partials.sum(1)
+            launch(True, False, totals)
+    return grad_x.to(x.dtype), totals
+
+
+def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var,
+                              pooled, eps, batch_stats, relu):
+    """(dL/dx, dL/d[K+1, C] heads, dL/d[K+1] biases, [2, C] dL/d batch-norm (bias, weight) or [0, C])."""
+    compute = pooled.dtype
+    grad_out = torch.cat([grad_logits, grad_conf[:, None]], dim=1).to(compute)  # [B, K+1]
+    weight = torch.cat([cls_weight, conf_weight]).to(compute)  # [K+1, C]
+    grad_weight = (grad_out.t() @ pooled).to(cls_weight.dtype)
+    grad_bias = grad_out.sum(0).to(cls_weight.dtype)
+    grad_x, grad_bn = _pool_backward(grad_out @ weight, x, bn_weight, bn_bias, mean, var, eps, batch_stats, relu)
+    if bn_weight is not None:
+        grad_bn = grad_bn.to(bn_weight.dtype)
+    return grad_x, grad_weight, grad_bias, grad_bn
 
 
 # ---- the ops ---------------------------------------------------------------------------------
@@ -304,56 +375,90 @@ def exit_head_backward_launch(grad_pooled, x, scale, shift, relu):
 
 @torch.library.custom_op("eefast::exit_head_fused", mutates_args=())
 def exit_head_fused(
-    x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None, relu: bool
-) -> tuple[Tensor, Tensor]:
-    """(out [B, K+1], pooled [B, C]) of relu?(x * scale + shift) pooled, then both heads."""
-    return exit_head_forward_launch(x, weight, bias, scale, shift, relu)
+    x: Tensor, cls_weight: Tensor, cls_bias: Tensor, conf_weight: Tensor, conf_bias: Tensor,
+    bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+    eps: float, batch_stats: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logits [B, K], conf [B], pooled [B, C], batch statistics [2, C] or [0, C]) of
+    relu?(batch_norm?(x)) pooled, then both heads (see exit_head_forward_launch)."""
+    return exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias,
+                                    running_mean, running_var, eps, batch_stats, relu)
 
 
 @exit_head_fused.register_fake
-def _(x, weight, bias, scale, shift, relu):
-    _check(x, weight, bias, scale, shift)
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[:2], dtype=_compute_dtype(x.dtype))
+def _(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+      batch_stats, relu):
+    _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
+    batch, channels = x.shape[:2]
+    compute = _compute_dtype(x.dtype)
+    return (x.new_empty(batch, cls_weight.shape[0]), x.new_empty(batch), x.new_empty(batch, channels, dtype=compute),
+            x.new_empty(2 if batch_stats else 0, channels, dtype=compute))
 
 
 @torch.library.custom_op("eefast::exit_head_fused_backward", mutates_args=())
 def exit_head_fused_backward(
-    grad_pooled: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor | None, relu: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dx in x's layout, per-sample dL/dscale [B, C], per-sample dL/dshift [B, C]); the
-    partial sums are [0, 0] without scale and shift."""
-    return exit_head_backward_launch(grad_pooled, x, scale, shift, relu)
+    grad_logits: Tensor, grad_conf: Tensor, x: Tensor, cls_weight: Tensor, conf_weight: Tensor,
+    bn_weight: Tensor | None, bn_bias: Tensor | None, mean: Tensor | None, var: Tensor | None, pooled: Tensor,
+    eps: float, batch_stats: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dL/dx in x's layout, dL/d heads [K+1, C], dL/d biases [K+1], dL/d batch-norm (bias, weight)
+    [2, C], or [0, C] without batch norm)."""
+    return exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean,
+                                     var, pooled, eps, batch_stats, relu)
 
 
 @exit_head_fused_backward.register_fake
-def _(grad_pooled, x, scale, shift, relu):
+def _(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, pooled, eps, batch_stats,
+      relu):
     if x.stride(2) != x.shape[3] * x.stride(3) and x.shape[2] > 1:
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:
         grad_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    partial_shape = tuple(x.shape[:2]) if scale is not None else (0, 0)
-    return grad_x, grad_pooled.new_empty(partial_shape), grad_pooled.new_empty(partial_shape)
+    heads = cls_weight.shape[0] + 1
+    channels = x.shape[1]
+    bn_dtype = bn_weight.dtype if bn_weight is not None else pooled.dtype
+    return (grad_x, cls_weight.new_empty(heads, channels), cls_weight.new_empty(heads),
+            pooled.new_empty((2 if mean is not None else 0, channels), dtype=bn_dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, relu = inputs
-    ctx.relu = relu
-    ctx.has_affine = scale is not None
-    ctx.save_for_backward(x, weight, scale, shift, output[1])
+    x, cls_weight, _, conf_weight, _, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = inputs
+    _, _, pooled, stats = output
+    mean, var = (stats[0], stats[1]) if batch_stats else (running_mean, running_var)
+    ctx.eps, ctx.batch_stats, ctx.relu = eps, batch_stats, relu
+    ctx.has_bn_weight, ctx.has_bn_bias = bn_weight is not None, bn_bias is not None
+    ctx.save_for_backward(x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, pooled)
+    ctx.mark_non_differentiable(pooled, stats)
 
 
-def _backward(ctx, grad_out, grad_pooled_out):
-    x, weight, scale, shift, pooled = ctx.saved_tensors
-    grad_out = grad_out.to(pooled.dtype)
-    grad_weight = (grad_out.t() @ pooled).to(weight.dtype)  # [K+1, C]
-    grad_bias = grad_out.sum(0).to(weight.dtype)  # [K+1]
-    grad_pooled = grad_out @ weight.to(pooled.dtype)  # [B, C]
-    if grad_pooled_out is not None:
-        grad_pooled = grad_pooled + grad_pooled_out
-    grad_x, grad_scale, grad_shift = exit_head_fused_backward(grad_pooled, x, scale, shift, ctx.relu)
-    if not ctx.has_affine:
-        return grad_x, grad_weight, grad_bias, None, None, None
-    return grad_x, grad_weight, grad_bias, grad_scale.sum(0).to(scale.dtype), grad_shift.sum(0).to(shift.dtype), None
+def _backward(ctx, grad_logits, grad_conf, grad_pooled, grad_stats, backward=exit_head_fused_backward):
+    x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, pooled = ctx.saved_tensors
+    grad_logits = torch.zeros(pooled.shape[0], cls_weight.shape[0], dtype=x.dtype, device=x.device) \
+        if grad_logits is None else grad_logits
+    grad_conf = torch.zeros(pooled.shape[0], dtype=x.dtype, device=x.device) if grad_conf is None else grad_conf
+    grad_x, grad_weight, grad_bias, grad_bn = backward(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight,
+                                                       bn_bias, mean, var, pooled, ctx.eps, ctx.batch_stats, ctx.relu)
+    classes = cls_weight.shape[0]
+    return (grad_x, grad_weight[:classes], grad_bias[:classes], grad_weight[classes:], grad_bias[classes:],
+            grad_bn[1] if ctx.has_bn_weight else None, grad_bn[0] if ctx.has_bn_bias else None,
+            None, None, None, None, None)
 
 
 exit_head_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+class ExitHeadEager(torch.autograd.Function):
+    """``exit_head_fused`` for eager autograd: the same launchers, saved tensors and backward as the
+    custom op, without the dispatcher's custom-op layers around each call (tens of microseconds
+    of host time per step, more than the kernels run on a GPU). torch.compile and opcheck use the
+    custom op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = exit_head_forward_launch(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, backward=exit_head_backward_launch)

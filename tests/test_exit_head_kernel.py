@@ -131,36 +131,59 @@ def test_half_precision_error_at_most_twice_the_reference(dtype, kind):
         assert kernel_error <= 2 * reference_error + 1e-6, (kernel_error, reference_error)
 
 
-@pytest.mark.parametrize("affine", [False, True], ids=["pool", "affine-relu"])
-def test_gradcheck_float64(affine):
-    from eefast.kernels.exit_head import exit_head_fused
+def head_op_args(mode, dtype=torch.float64, seed=0):
+    """Arguments of eefast::exit_head_fused on a small input: no batch norm ('pool'), batch norm
+    with running statistics ('bn-running') or with the batch's ('bn-batch')."""
+    g = torch.Generator().manual_seed(seed)
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64).requires_grad_()
-    weight = torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()
-    bias = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
-    scale = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
-    shift = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_() if affine else None
+    def randn(*size):
+        return torch.randn(*size, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+
+    x, cls_weight, cls_bias, conf_weight, conf_bias = randn(3, 4, 3, 2), randn(5, 4), randn(5), randn(1, 4), randn(1)
+    bn = (None, None, None, None, 0.0)
+    if mode != "pool":
+        running = (torch.randn(4, generator=g, dtype=dtype).to(DEVICE), torch.rand(4, generator=g, dtype=dtype).to(DEVICE) + 0.5)
+        bn = (randn(4), randn(4), *((None, None) if mode == "bn-batch" else running), 1e-5)
+    return (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn, mode == "bn-batch", mode != "pool")
+
+
+HEAD_MODES = ["pool", "bn-running", "bn-batch"]
+
+
+@pytest.mark.parametrize("path", ["custom-op", "eager"])
+@pytest.mark.parametrize("mode", HEAD_MODES)
+def test_gradcheck_float64(mode, path):
+    """Every gradient of the fused head (the batch norm's through the batch statistics included),
+    through the custom op and through the eager autograd.Function."""
+    from eefast.kernels.exit_head import ExitHeadEager, exit_head_fused
+
+    op = exit_head_fused if path == "custom-op" else ExitHeadEager.apply
+    args = head_op_args(mode)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def head(*inputs):
-        return exit_head_fused(*inputs, affine)
+        full = list(args)
+        for i, tensor in zip(tensors, inputs):
+            full[i] = tensor
+        return op(*full)[:2]
 
-    inputs = (x, weight, bias, scale, shift)
-    assert torch.autograd.gradcheck(head, inputs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(head, [args[i] for i in tensors], eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("affine", [False, True], ids=["pool", "affine-relu"])
-def test_opcheck(affine):
-    params, bn = make(SHAPES["non-pow2"], "bnpool", torch.float32)
-    weight = torch.cat([params["cls_weight"], params["conf_weight"]]).detach().requires_grad_()
-    bias = torch.cat([params["cls_bias"], params["conf_bias"]]).detach().requires_grad_()
-    scale = (torch.rand(37, device=DEVICE) + 0.5).requires_grad_() if affine else None
-    shift = torch.randn(37, device=DEVICE).requires_grad_() if affine else None
-    x = params["x"].detach().requires_grad_()
-    torch.library.opcheck(torch.ops.eefast.exit_head_fused, (x, weight, bias, scale, shift, affine))
-    grad_pooled = torch.randn(3, 37, device=DEVICE)
-    scale, shift = (None, None) if not affine else (scale.detach(), shift.detach())  # no double backward
-    torch.library.opcheck(torch.ops.eefast.exit_head_fused_backward, (grad_pooled, x.detach(), scale, shift, affine))
+@pytest.mark.parametrize("mode", HEAD_MODES)
+def test_opcheck(mode):
+    from eefast.kernels.exit_head import exit_head_fused
+
+    args = head_op_args(mode, torch.float32)
+    torch.library.opcheck(torch.ops.eefast.exit_head_fused, args)
+    logits, conf, pooled, stats = exit_head_fused(*args)
+    x, cls_weight, _, conf_weight, _, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = args
+    mean, var = (stats[0], stats[1]) if batch_stats else (running_mean, running_var)
+    detached = [None if t is None else t.detach() for t in (x, cls_weight, conf_weight, bn_weight, bn_bias)]
+    torch.library.opcheck(torch.ops.eefast.exit_head_fused_backward,
+                          (torch.randn_like(logits), torch.randn_like(conf), *detached[:3], *detached[3:],
+                           None if mean is None else mean.detach(), None if var is None else var.detach(),
+                           pooled.detach(), eps, batch_stats, relu))
 
 
 def fused_eenet8(seed=0, exit_type="pool"):
@@ -310,21 +333,24 @@ def test_inference_follows_parameter_changes(kind):
     check()
 
 
-def test_inference_launches_the_kernel_without_the_custom_op(monkeypatch):
-    """Without autograd the fused head skips the custom op (its host time); with autograd it uses it."""
+def test_each_mode_takes_its_path(monkeypatch):
+    """Without autograd: the inference launch alone (no custom op, no folding); with autograd
+    (eval-mode or batch statistics): the eager autograd.Function; the custom op only under
+    torch.compile (test_compiles_with_fullgraph)."""
     from eefast.kernels import exit_head as kernel_module
 
     calls = []
-    custom_op = kernel_module.exit_head_fused
-    monkeypatch.setattr(kernel_module, "exit_head_fused", lambda *args: calls.append(1) or custom_op(*args))
+    for name in ["exit_head_inference_launch", "exit_head_forward_launch", "exit_head_fused"]:
+        original = getattr(kernel_module, name)
+        monkeypatch.setattr(kernel_module, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
     block = exit_block("bnpool")
     x = torch.randn(3, 5, 4, 4, device=DEVICE)
     with torch.no_grad():
         block(x)
-    assert calls == []
+    assert calls == ["exit_head_inference_launch"]
     block(x)[0].sum().backward()
-    assert calls == [1] and block.classifier.weight.grad is not None
+    assert calls[1:] == ["exit_head_forward_launch"] and block.classifier.weight.grad is not None
     block.train()
     with torch.no_grad():
-        block(x)  # batch statistics: the op, which folds them
-    assert calls == [1, 1]
+        block(x)  # batch statistics: computed by the op's launcher
+    assert calls[2:] == ["exit_head_forward_launch"]
