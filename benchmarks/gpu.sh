@@ -33,7 +33,7 @@ if want cuda-tests; then
 fi
 
 if want kernel-tests && [ -n "$arch" ]; then  # the Triton kernels' tests, compiled for this GPU
-    timeout 400 $python -m pytest -q -p no:cacheprovider tests/test_exit_head_kernel.py tests/test_ee_loss_kernel.py \
+    timeout 200 $python -m pytest -q -p no:cacheprovider tests/test_exit_head_kernel.py tests/test_ee_loss_kernel.py \
         > "$out/kernel-tests.log" 2>&1
     grep -E "^(FAILED|ERROR)" "$out/kernel-tests.log" | head -20; tail -1 "$out/kernel-tests.log"
     step "kernel tests on the GPU"
