@@ -256,7 +256,7 @@ def exit_head(
     head = _triton_head.exit_head_fused if torch.compiler.is_compiling() else _triton_head.ExitHeadEager.apply
     logits, conf, _, stats = head(x, *heads, *bn_args, batch_stats, normalizes)
     if batch_stats and bn.training and bn.running_mean is not None:
-        _update_running_stats(bn, stats[0], stats[1], x.numel() // x.shape[1])
+        _update_running_stats(bn, stats)
     return logits, conf
 
 
@@ -271,12 +271,12 @@ def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs
     return bn is None or not (bn.training or any(t is None for t in bn[:4]))
 
 
-def _update_running_stats(bn: reference.BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
-    """nn.BatchNorm2d's update: running = (1 - momentum) * running + momentum * batch statistic, with
-    the variance unbiased."""
+def _update_running_stats(bn: reference.BatchNormArgs, stats: Tensor) -> None:
+    """nn.BatchNorm2d's update, running = (1 - momentum) * running + momentum * batch statistic, from
+    the batch's [mean, biased variance, unbiased variance] (one foreach launch)."""
     with torch.no_grad():
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), bn.momentum)
-        bn.running_var.lerp_((var * (count / max(count - 1, 1))).to(bn.running_var.dtype), bn.momentum)
+        stats = stats if stats.dtype == bn.running_mean.dtype else stats.to(bn.running_mean.dtype)
+        torch._foreach_lerp_([bn.running_mean, bn.running_var], [stats[0], stats[2]], bn.momentum)
 
 
 def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor, lam: float, version: str) -> None:

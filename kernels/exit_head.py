@@ -11,8 +11,8 @@ pools, and applies the class head [K, C] and the confidence head [1, C] as one [
 writing the class logits [B, K], the confidence logits [B] and the pooled features [B, C]
 (float32, kept for the backward). A ``plain`` exit is the same kernel on x viewed as
 [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
-with the batch's (torch.var_mean inside the op), which the op returns so that eefast.ops updates
-the running statistics as nn.BatchNorm2d does.
+with the batch's, from a first kernel (one program per channel) whose results the op returns so
+that eefast.ops updates the running statistics as nn.BatchNorm2d does.
 
 Backward: the heads' gradients are matrix products (torch). One program per sample writes dL/dx
 in x's layout and that sample's sums of dL/dz and dL/dz * x_hat (z the normalised input of the
@@ -53,6 +53,46 @@ def _batch_norm_fold(weight_ptr, bias_ptr, mean_ptr, var_ptr, channels, c_mask, 
     scale = tl.load(weight_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE) * rstd
     shift = tl.load(bias_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE) - mean * scale
     return scale, shift, mean, rstd
+
+
+_STATS_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw"]
+
+
+@triton.jit(do_not_specialize=_STATS_INTS, do_not_specialize_on_alignment=["x_ptr", "stats_ptr"])
+def _batch_stats_kernel(
+    x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
+    stats_ptr,  # [3, C] out: the batch's mean, biased variance and unbiased variance per channel
+    B, C, HW, stride_b, stride_c, stride_hw,
+    BLOCK_B: tl.constexpr, BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """One program per channel: tiles of [BLOCK_B samples, BLOCK_HW pixels], each tile's mean and
+    sum of squared deviations exact in registers, merged across tiles as Chan et al. do (no
+    cancellation from a sum of squares)."""
+    c = tl.program_id(0)
+    x_channel = x_ptr + c.to(tl.int64) * stride_c
+    count = tl.zeros([1], COMPUTE)
+    mean = tl.zeros([1], COMPUTE)
+    m2 = tl.zeros([1], COMPUTE)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        for p0 in range(0, HW, BLOCK_HW):
+            pixels = p0 + tl.arange(0, BLOCK_HW)
+            mask = (rows < B)[:, None] & (pixels < HW)[None, :]
+            x = tl.load(x_channel + rows[:, None].to(tl.int64) * stride_b + pixels[None, :] * stride_hw, mask=mask,
+                        other=0.0).to(COMPUTE)
+            n = tl.sum(tl.sum(mask.to(COMPUTE), axis=1), axis=0)
+            tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+            deviation = tl.where(mask, x - tile_mean, 0.0)
+            tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0)
+            total = count + n
+            delta = tile_mean - mean
+            mean += delta * (n / total)
+            m2 += tile_m2 + delta * delta * (count * n / total)
+            count = total
+    offsets = tl.arange(0, 1)
+    tl.store(stats_ptr + c + offsets, mean)
+    tl.store(stats_ptr + C + c + offsets, m2 / count)
+    tl.store(stats_ptr + 2 * C + c + offsets, m2 / tl.maximum(count - 1.0, 1.0))
 
 
 _FORWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"]
@@ -193,6 +233,7 @@ def _exit_head_backward_kernel(
 
 # ---- launchers -------------------------------------------------------------------------------
 
+_launch_stats = FastLauncher(_batch_stats_kernel)
 _launch_forward = FastLauncher(_exit_head_forward_kernel)
 _launch_backward = FastLauncher(_exit_head_backward_kernel)
 
@@ -301,19 +342,36 @@ def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, 
     return _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu)[:2]
 
 
+def batch_stats_launch(x: Tensor) -> Tensor:
+    """[3, C]: the batch's mean, biased variance (what batch norm normalises with) and unbiased
+    variance (what it keeps in running_var) per channel of x [B, C, H, W]; float32 (float64)."""
+    batch, channels, height, width = x.shape
+    x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
+    compute = _compute_dtype(x.dtype)
+    stats = torch.empty(3, channels, dtype=compute, device=x.device)
+    if batch > 0 and channels > 0:
+        block_hw = min(triton.next_power_of_2(max(height * width, 1)), 256)
+        block_b = min(triton.next_power_of_2(batch), max(1, 2048 // block_hw))
+        _launch_stats(
+            (x.dtype, compute, block_b, block_hw), (channels,),
+            (x, stats, batch, channels, height * width, stride_b, stride_c, stride_hw),
+            dict(BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=_tl_dtype(compute)),
+        )
+    return stats
+
+
 def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, running_mean,
                              running_var, eps, batch_stats, relu):
-    """(logits [B, K], conf [B], pooled [B, C], batch_stats [2, C]). With ``batch_stats`` batch
-    norm uses the batch's mean and biased variance, which are returned (rows 0 and 1); otherwise
-    the running statistics (if given), and the last output is [0, C]."""
+    """(logits [B, K], conf [B], pooled [B, C], batch statistics [3, C]). With ``batch_stats``
+    batch norm uses the batch's mean and biased variance, returned with the unbiased variance
+    (batch_stats_launch); otherwise the running statistics (if given), and the last output is [0, C]."""
     _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
-    compute = _compute_dtype(x.dtype)
     if batch_stats:
-        var, mean = torch.var_mean(x if x.dtype == compute else x.to(compute), dim=(0, 2, 3), unbiased=False)
-        stats = torch.stack([mean, var])
+        stats = batch_stats_launch(x)
+        mean, var = stats[0], stats[1]
     else:
         mean, var = running_mean, running_var
-        stats = x.new_empty(0, x.shape[1], dtype=compute)
+        stats = x.new_empty(0, x.shape[1], dtype=_compute_dtype(x.dtype))
     return (*_forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu),
             stats)
 
@@ -379,7 +437,7 @@ def exit_head_fused(
     bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
     eps: float, batch_stats: bool, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logits [B, K], conf [B], pooled [B, C], batch statistics [2, C] or [0, C]) of
+    """(logits [B, K], conf [B], pooled [B, C], batch statistics [3, C] or [0, C]) of
     relu?(batch_norm?(x)) pooled, then both heads (see exit_head_forward_launch)."""
     return exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias,
                                     running_mean, running_var, eps, batch_stats, relu)
@@ -392,7 +450,7 @@ def _(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, runni
     batch, channels = x.shape[:2]
     compute = _compute_dtype(x.dtype)
     return (x.new_empty(batch, cls_weight.shape[0]), x.new_empty(batch), x.new_empty(batch, channels, dtype=compute),
-            x.new_empty(2 if batch_stats else 0, channels, dtype=compute))
+            x.new_empty(3 if batch_stats else 0, channels, dtype=compute))
 
 
 @torch.library.custom_op("eefast::exit_head_fused_backward", mutates_args=())

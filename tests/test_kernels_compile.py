@@ -62,6 +62,10 @@ for arch in (80, 90):
         # the exit head: without batch norm (NCHW), with it (channels_last); forward, then the backward's
         # launches (batch_stats, write_grad_x, write_partials): without batch norm dL/dx; with running
         # statistics dL/dx and the per-sample sums; with batch statistics the sums, then dL/dx
+        compile_kernel(exit_head._batch_stats_kernel, {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}"},
+                       ["B", "C", "HW", "stride_b", "stride_c", "stride_hw"],
+                       {"BLOCK_B": 32, "BLOCK_HW": 64, "COMPUTE": compute_tl}, arch)
+        count += 1
         for bn, hw_contiguous in ((False, True), (True, False)):
             bn_dtype = data if bn else compute
             bn_pointers = {"bn_weight_ptr": f"*{bn_dtype}", "bn_bias_ptr": f"*{bn_dtype}", "mean_ptr": f"*{bn_dtype}",
@@ -93,5 +97,6 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 2 forward, 1 + 3 backward)
-    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 2 + 4))
+    # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: statistics,
+    # 2 forward, 1 + 3 backward)
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 1 + 2 + 4))
