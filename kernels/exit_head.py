@@ -163,14 +163,32 @@ def _exit_head_forward_kernel(
         tl.store(conf_ptr + b + (rows - K), acc.to(conf_ptr.dtype.element_ty), mask=is_conf)
 
 
-_BACKWARD_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw"]
-_BACKWARD_POINTERS = ["grad_pooled_ptr", "x_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "totals_ptr",
-                      "grad_x_ptr", "partials_ptr"]
+@triton.jit
+def _head_rows(grad_logits_ptr, grad_conf_ptr, samples, s_mask, rows, K, gl_stride_b, gl_stride_k, gc_stride,
+               COMPUTE: tl.constexpr):
+    """dL/d (logits, confidence logit) of the given samples as a [samples, rows] tile of the [B, K+1]
+    matrix: rows 0..K-1 from grad_logits, row K from grad_conf."""
+    is_class = rows < K
+    g = tl.load(grad_logits_ptr + samples[:, None] * gl_stride_b + rows[None, :] * gl_stride_k,
+                mask=s_mask[:, None] & is_class[None, :], other=0.0).to(COMPUTE)
+    g += tl.load(grad_conf_ptr + samples[:, None] * gc_stride + (rows[None, :] - K),
+                 mask=s_mask[:, None] & (rows == K)[None, :], other=0.0).to(COMPUTE)
+    return g
+
+
+_BACKWARD_INTS = ["B", "C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b", "gl_stride_k", "gc_stride"]
+_BACKWARD_POINTERS = ["grad_pooled_ptr", "grad_logits_ptr", "grad_conf_ptr", "cls_weight_ptr", "conf_weight_ptr",
+                      "x_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "totals_ptr", "grad_x_ptr",
+                      "partials_ptr"]
 
 
 @triton.jit(do_not_specialize=_BACKWARD_INTS, do_not_specialize_on_alignment=_BACKWARD_POINTERS)
 def _exit_head_backward_kernel(
-    grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64
+    grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64 (unless HEADS_IN_KERNEL)
+    grad_logits_ptr,  # [B, K] strides (gl_stride_b, gl_stride_k) (HEADS_IN_KERNEL)
+    grad_conf_ptr,  # [B] stride gc_stride (HEADS_IN_KERNEL)
+    cls_weight_ptr,  # [K, C] contiguous (HEADS_IN_KERNEL)
+    conf_weight_ptr,  # [1, C] (HEADS_IN_KERNEL)
     x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
     bn_weight_ptr,  # [C] (BN)
     bn_bias_ptr,  # [C] (BN)
@@ -179,10 +197,10 @@ def _exit_head_backward_kernel(
     totals_ptr,  # [2, C] (BATCH_STATS and WRITE_GRAD_X): batch sums of dL/dz and of dL/dz * x_hat
     grad_x_ptr,  # [B, C, H*W] out (WRITE_GRAD_X), same strides as x
     partials_ptr,  # [2, B, C] out (WRITE_PARTIALS): this sample's sums of dL/dz and of dL/dz * x_hat
-    B, C, HW, stride_b, stride_c, stride_hw, eps,
-    BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
+    B, C, HW, K, stride_b, stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps,
+    BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
     WRITE_GRAD_X: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     tl.static_assert(BN or not (WRITE_PARTIALS or BATCH_STATS), "the per-sample sums are batch norm's")
     b = tl.program_id(0)
@@ -192,7 +210,20 @@ def _exit_head_backward_kernel(
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
-        grad_pool = tl.load(grad_pooled_ptr + b * C + channels, mask=c_mask, other=0.0).to(COMPUTE) / HW
+        if HEADS_IN_KERNEL:  # dL/d pooled = dL/d [logits, conf] @ [K+1, C] heads
+            grad_pool = tl.zeros([BLOCK_C], COMPUTE)
+            for k0 in range(0, K + 1, BLOCK_K):
+                rows = k0 + tl.arange(0, BLOCK_K)
+                g = tl.sum(_head_rows(grad_logits_ptr, grad_conf_ptr, b + tl.arange(0, 1), tl.arange(0, 1) == 0, rows,
+                                      K, gl_stride_b, gl_stride_k, gc_stride, COMPUTE), axis=0)  # [BLOCK_K]
+                w = tl.load(cls_weight_ptr + rows[:, None] * C + channels[None, :],
+                            mask=(rows < K)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+                w += tl.load(conf_weight_ptr + (rows[:, None] - K) * C + channels[None, :],
+                             mask=(rows == K)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+                grad_pool += tl.sum(g[:, None] * w, axis=0)
+            grad_pool = grad_pool / HW
+        else:
+            grad_pool = tl.load(grad_pooled_ptr + b * C + channels, mask=c_mask, other=0.0).to(COMPUTE) / HW
         if BN:
             scale, shift, mean, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels,
                                                         c_mask, eps, COMPUTE)
@@ -231,11 +262,68 @@ def _exit_head_backward_kernel(
             tl.store(partials_ptr + B * C + b * C + channels, sum_g_xhat, mask=c_mask)
 
 
+_REDUCE_INTS = ["B", "C", "K", "gl_stride_b", "gl_stride_k", "gc_stride"]
+_REDUCE_POINTERS = ["grad_logits_ptr", "grad_conf_ptr", "pooled_ptr", "partials_ptr", "grad_weight_ptr",
+                    "grad_bias_ptr", "totals_ptr"]
+
+
+@triton.jit(do_not_specialize=_REDUCE_INTS, do_not_specialize_on_alignment=_REDUCE_POINTERS)
+def _exit_head_reduce_kernel(
+    grad_logits_ptr,  # [B, K] strides (gl_stride_b, gl_stride_k)
+    grad_conf_ptr,  # [B] stride gc_stride
+    pooled_ptr,  # [B, C] contiguous, float32/64
+    partials_ptr,  # [2, B, C] (BN) per-sample sums from the backward kernel
+    grad_weight_ptr,  # [K+1, C] out: dL/d heads (rows 0..K-1 the class head, row K the confidence head)
+    grad_bias_ptr,  # [K+1] out
+    totals_ptr,  # [2, C] out (BN): batch sums of the partials, dL/d (batch-norm bias, weight)
+    B, C, K, gl_stride_b, gl_stride_k, gc_stride,
+    BN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """One program per block of channels: the sums over the batch that the heads' and the batch
+    norm's gradients are (dL/d heads = dL/d out^T @ pooled, dL/d bias = column sums)."""
+    pid = tl.program_id(0)
+    channels = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = channels < C
+    for k0 in range(0, K + 1, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_K, BLOCK_C], COMPUTE)
+        bias = tl.zeros([BLOCK_K], COMPUTE)
+        for b0 in range(0, B, BLOCK_B):
+            samples = b0 + tl.arange(0, BLOCK_B)
+            s_mask = samples < B
+            g = _head_rows(grad_logits_ptr, grad_conf_ptr, samples, s_mask, rows, K, gl_stride_b, gl_stride_k,
+                           gc_stride, COMPUTE)  # [BLOCK_B, BLOCK_K]
+            pooled = tl.load(pooled_ptr + samples[:, None] * C + channels[None, :],
+                             mask=s_mask[:, None] & c_mask[None, :], other=0.0)  # [BLOCK_B, BLOCK_C]
+            acc += tl.sum(g[:, :, None] * pooled[:, None, :], axis=0)
+            bias += tl.sum(g, axis=0)
+        k_mask = rows < K + 1
+        tl.store(grad_weight_ptr + rows[:, None] * C + channels[None, :], acc.to(grad_weight_ptr.dtype.element_ty),
+                 mask=k_mask[:, None] & c_mask[None, :])
+        tl.store(grad_bias_ptr + rows, bias.to(grad_bias_ptr.dtype.element_ty), mask=k_mask & (pid == 0))
+    if BN:
+        sum_g = tl.zeros([BLOCK_C], COMPUTE)
+        sum_g_xhat = tl.zeros([BLOCK_C], COMPUTE)
+        for b0 in range(0, B, BLOCK_B):
+            samples = b0 + tl.arange(0, BLOCK_B)
+            mask = (samples < B)[:, None] & c_mask[None, :]
+            offsets = samples[:, None] * C + channels[None, :]
+            sum_g += tl.sum(tl.load(partials_ptr + offsets, mask=mask, other=0.0), axis=0)
+            sum_g_xhat += tl.sum(tl.load(partials_ptr + B * C + offsets, mask=mask, other=0.0), axis=0)
+        tl.store(totals_ptr + channels, sum_g.to(totals_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(totals_ptr + C + channels, sum_g_xhat.to(totals_ptr.dtype.element_ty), mask=c_mask)
+
+
 # ---- launchers -------------------------------------------------------------------------------
 
 _launch_stats = FastLauncher(_batch_stats_kernel)
 _launch_forward = FastLauncher(_exit_head_forward_kernel)
 _launch_backward = FastLauncher(_exit_head_backward_kernel)
+_launch_reduce = FastLauncher(_exit_head_reduce_kernel)
+
+# Heads up to this many weights ((K+1) * C) have their gradients computed in the backward's own
+# kernels (each program reads the whole [K+1, C] matrix); larger ones use torch's matrix products.
+HEADS_IN_KERNEL_MAX = 16384
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -266,6 +354,19 @@ def _blocks(channels: int, pixels: int, heads: int = 1) -> tuple[int, int, int]:
     block_c = max(1, min(triton.next_power_of_2(channels), 4096 // block_hw, 128))
     block_k = min(triton.next_power_of_2(heads), 64)
     return block_c, block_hw, block_k
+
+
+@functools.lru_cache(maxsize=256)
+def _stats_blocks(batch: int, pixels: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_HW) of the statistics kernel: tiles of up to 2048 values."""
+    block_hw = min(triton.next_power_of_2(max(pixels, 1)), 256)
+    return min(triton.next_power_of_2(batch), max(1, 2048 // block_hw)), block_hw
+
+
+@functools.lru_cache(maxsize=256)
+def _reduce_blocks(channels: int, heads: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_K) of the reduce kernel (its BLOCK_B is 16)."""
+    return min(triton.next_power_of_2(channels), 32), min(triton.next_power_of_2(heads), 16)
 
 
 def _check(x: Tensor, cls_weight: Tensor, cls_bias: Tensor, conf_weight: Tensor, conf_bias: Tensor,
@@ -350,8 +451,7 @@ def batch_stats_launch(x: Tensor) -> Tensor:
     compute = _compute_dtype(x.dtype)
     stats = torch.empty(3, channels, dtype=compute, device=x.device)
     if batch > 0 and channels > 0:
-        block_hw = min(triton.next_power_of_2(max(height * width, 1)), 256)
-        block_b = min(triton.next_power_of_2(batch), max(1, 2048 // block_hw))
+        block_b, block_hw = _stats_blocks(batch, height * width)
         _launch_stats(
             (x.dtype, compute, block_b, block_hw), (channels,),
             (x, stats, batch, channels, height * width, stride_b, stride_c, stride_hw),
@@ -376,56 +476,78 @@ def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn
             stats)
 
 
-def _pool_backward(grad_pooled, x, bn_weight, bn_bias, mean, var, eps, batch_stats, relu):
-    """(dL/dx in x's layout, [2, C] batch sums of dL/dz and dL/dz * x_hat: the gradients of the batch
-    norm's bias and weight; [0, C] without batch norm) from dL/d pooled [B, C]."""
-    batch, channels, height, width = x.shape
-    x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
-    compute = grad_pooled.dtype
-    grad_dtype = torch.float32 if _interpreted_bf16(x.dtype) else x.dtype
-    grad_x = torch.empty_strided(x.shape, x.stride(), dtype=grad_dtype, device=x.device)
-    bn = mean is not None
-    partials = torch.empty((2, batch, channels) if bn else (0, 0, channels), dtype=compute, device=x.device)
-    totals = torch.zeros((2 if bn else 0, channels), dtype=compute, device=x.device) if batch == 0 else None
-    if batch > 0:
-        block_c, block_hw, _ = _blocks(channels, height * width)
-        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
-        key = (compute, x.dtype, *(t.dtype for t in bn_tensors), grad_dtype, bn, relu, batch_stats, block_c, block_hw)
-
-        def launch(write_grad_x, write_partials, totals=partials):  # (totals are read only in the dL/dx pass)
-            _launch_backward(
-                (*key, write_grad_x, write_partials), (batch,),
-                (grad_pooled, x, *bn_tensors, totals, grad_x, partials,
-                 batch, channels, height * width, stride_b, stride_c, stride_hw, float(eps)),
-                dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, WRITE_GRAD_X=write_grad_x,
-                     WRITE_PARTIALS=write_partials, BLOCK_C=block_c, BLOCK_HW=block_hw, COMPUTE=_tl_dtype(compute)),
-            )
-
-        if not bn:
-            launch(True, False)
-            totals = partials.sum(1)  # [0, C]
-        elif not batch_stats:
-            launch(True, True)
-            totals = partials.sum(1)
-        else:  # dL/dx needs the batch sums first
-            launch(False, True)
-            totals = partials.sum(1)
-            launch(True, False, totals)
-    return grad_x.to(x.dtype), totals
-
-
 def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var,
                               pooled, eps, batch_stats, relu):
-    """(dL/dx, dL/d[K+1, C] heads, dL/d[K+1] biases, [2, C] dL/d batch-norm (bias, weight) or [0, C])."""
+    """(dL/dx in x's layout, dL/d heads [K+1, C], dL/d biases [K+1], dL/d batch-norm (bias, weight)
+    [2, C] or [0, C] without batch norm). Small heads: the per-sample kernel (dL/dx, per-sample
+    sums) and the reduce kernel (every sum over the batch), with the per-sample kernel again after
+    the reduce when dL/dx needs the batch sums (batch statistics). Large heads: torch's matrix
+    products for the heads, then the same per-sample launches."""
+    batch, channels, height, width = x.shape
+    classes = cls_weight.shape[0]
+    x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = pooled.dtype
-    grad_out = torch.cat([grad_logits, grad_conf[:, None]], dim=1).to(compute)  # [B, K+1]
-    weight = torch.cat([cls_weight, conf_weight]).to(compute)  # [K+1, C]
-    grad_weight = (grad_out.t() @ pooled).to(cls_weight.dtype)
-    grad_bias = grad_out.sum(0).to(cls_weight.dtype)
-    grad_x, grad_bn = _pool_backward(grad_out @ weight, x, bn_weight, bn_bias, mean, var, eps, batch_stats, relu)
-    if bn_weight is not None:
-        grad_bn = grad_bn.to(bn_weight.dtype)
-    return grad_x, grad_weight, grad_bias, grad_bn
+    bn = mean is not None
+    grad_x = torch.empty_strided(x.shape, x.stride(), dtype=torch.float32 if _interpreted_bf16(x.dtype) else x.dtype,
+                                 device=x.device)
+    partials = torch.empty((2, batch, channels) if bn else (0, 0, channels), dtype=compute, device=x.device)
+    heads_in_kernel = (classes + 1) * channels <= HEADS_IN_KERNEL_MAX
+    param_dtype = torch.float32 if _interpreted_bf16(cls_weight.dtype) else cls_weight.dtype
+    if heads_in_kernel:
+        grad_pooled = pooled  # unread
+        grad_weight = torch.empty(classes + 1, channels, dtype=param_dtype, device=x.device)
+        grad_bias = torch.empty(classes + 1, dtype=param_dtype, device=x.device)
+        totals = torch.empty((2 if bn else 0, channels), dtype=compute, device=x.device)
+    else:
+        grad_out = torch.cat([grad_logits, grad_conf[:, None]], dim=1).to(compute)  # [B, K+1]
+        grad_pooled = grad_out @ torch.cat([cls_weight, conf_weight]).to(compute)  # [B, C]
+        grad_weight = (grad_out.t() @ pooled).to(cls_weight.dtype)
+        grad_bias = grad_out.sum(0).to(cls_weight.dtype)
+    if batch == 0:
+        grad_weight.zero_()
+        grad_bias.zero_()
+        totals = torch.zeros((2 if bn else 0, channels), dtype=compute, device=x.device)
+    else:
+        cls_weight, conf_weight = cls_weight.contiguous(), conf_weight.contiguous()
+        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1)
+        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
+        head_strides = (grad_logits.stride(0), grad_logits.stride(1), grad_conf.stride(0))
+        key = (compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, x.dtype,
+               *(t.dtype for t in bn_tensors), grad_x.dtype, bn, relu, batch_stats, heads_in_kernel, block_c, block_hw,
+               block_k)
+
+        def per_sample(write_grad_x, write_partials, totals=partials):  # (totals are read only with batch statistics)
+            _launch_backward(
+                (*key, write_grad_x, write_partials), (batch,),
+                (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, x, *bn_tensors, totals, grad_x, partials,
+                 batch, channels, height * width, classes, stride_b, stride_c, stride_hw, *head_strides, float(eps)),
+                dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, HEADS_IN_KERNEL=heads_in_kernel,
+                     WRITE_GRAD_X=write_grad_x, WRITE_PARTIALS=write_partials, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                     BLOCK_K=block_k, COMPUTE=_tl_dtype(compute)),
+            )
+
+        def batch_sums():
+            if not heads_in_kernel:
+                return partials.sum(1)
+            reduce_c, reduce_k = _reduce_blocks(channels, classes + 1)
+            _launch_reduce(
+                (grad_logits.dtype, grad_conf.dtype, compute, param_dtype, bn, reduce_c, reduce_k),
+                (triton.cdiv(channels, reduce_c),),
+                (grad_logits, grad_conf, pooled, partials, grad_weight, grad_bias, totals,
+                 batch, channels, classes, *head_strides),
+                dict(BN=bn, BLOCK_B=16, BLOCK_C=reduce_c, BLOCK_K=reduce_k, COMPUTE=_tl_dtype(compute)),
+            )
+            return totals
+
+        if batch_stats:  # dL/dx needs the batch sums first
+            per_sample(False, True)
+            totals = batch_sums()
+            per_sample(True, False, totals)
+        else:
+            per_sample(True, bn)
+            totals = batch_sums()
+    grad_bn = totals if bn_weight is None or totals.dtype == bn_weight.dtype else totals.to(bn_weight.dtype)
+    return grad_x.to(x.dtype), grad_weight.to(cls_weight.dtype), grad_bias.to(cls_weight.dtype), grad_bn
 
 
 # ---- the ops ---------------------------------------------------------------------------------

@@ -150,12 +150,17 @@ def head_op_args(mode, dtype=torch.float64, seed=0):
 HEAD_MODES = ["pool", "bn-running", "bn-batch"]
 
 
-@pytest.mark.parametrize("path", ["custom-op", "eager"])
+@pytest.mark.parametrize("path", ["custom-op", "eager", "heads-by-torch"])
 @pytest.mark.parametrize("mode", HEAD_MODES)
-def test_gradcheck_float64(mode, path):
+def test_gradcheck_float64(mode, path, monkeypatch):
     """Every gradient of the fused head (the batch norm's through the batch statistics included),
-    through the custom op and through the eager autograd.Function."""
+    through the custom op, through the eager autograd.Function, and with the heads' gradients from
+    torch's matrix products (what heads over HEADS_IN_KERNEL_MAX weights use)."""
+    from eefast.kernels import exit_head as kernel_module
     from eefast.kernels.exit_head import ExitHeadEager, exit_head_fused
+
+    if path == "heads-by-torch":
+        monkeypatch.setattr(kernel_module, "HEADS_IN_KERNEL_MAX", 0)
 
     op = exit_head_fused if path == "custom-op" else ExitHeadEager.apply
     args = head_op_args(mode)

@@ -79,15 +79,27 @@ for arch in (80, 90):
                            {**flags, "HW_CONTIGUOUS": hw_contiguous, "BLOCK_K": 16}, arch)
             count += 1
             launches = ((False, True, True), (True, False, True), (True, True, False)) if bn else ((False, True, False),)
-            for batch_stats, write_grad_x, write_partials in launches:
-                compile_kernel(exit_head._exit_head_backward_kernel,
-                               {"grad_pooled_ptr": f"*{compute}", "x_ptr": f"*{data}", **bn_pointers,
-                                "totals_ptr": f"*{compute}", "grad_x_ptr": f"*{data}", "partials_ptr": f"*{compute}",
-                                "eps": "fp32"},
-                               ["B", "C", "HW", "stride_b", "stride_c", "stride_hw"],
-                               {**flags, "BATCH_STATS": batch_stats, "WRITE_GRAD_X": write_grad_x,
-                                "WRITE_PARTIALS": write_partials}, arch)
-                count += 1
+            for heads_in_kernel in (False, True):
+                for batch_stats, write_grad_x, write_partials in launches:
+                    compile_kernel(exit_head._exit_head_backward_kernel,
+                                   {"grad_pooled_ptr": f"*{compute}", "grad_logits_ptr": f"*{data}",
+                                    "grad_conf_ptr": f"*{data}", "cls_weight_ptr": f"*{data}",
+                                    "conf_weight_ptr": f"*{data}", "x_ptr": f"*{data}", **bn_pointers,
+                                    "totals_ptr": f"*{compute}", "grad_x_ptr": f"*{data}",
+                                    "partials_ptr": f"*{compute}", "eps": "fp32"},
+                                   ["B", "C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b",
+                                    "gl_stride_k", "gc_stride"],
+                                   {**flags, "BATCH_STATS": batch_stats, "HEADS_IN_KERNEL": heads_in_kernel,
+                                    "WRITE_GRAD_X": write_grad_x, "WRITE_PARTIALS": write_partials, "BLOCK_K": 16},
+                                   arch)
+                    count += 1
+            compile_kernel(exit_head._exit_head_reduce_kernel,
+                           {"grad_logits_ptr": f"*{data}", "grad_conf_ptr": f"*{data}", "pooled_ptr": f"*{compute}",
+                            "partials_ptr": f"*{compute}", "grad_weight_ptr": f"*{data}", "grad_bias_ptr": f"*{data}",
+                            "totals_ptr": f"*{compute}"},
+                           ["B", "C", "K", "gl_stride_b", "gl_stride_k", "gc_stride"],
+                           {"BN": bn, "BLOCK_B": 16, "BLOCK_C": 32, "BLOCK_K": 16, "COMPUTE": compute_tl}, arch)
+            count += 1
 print(count)
 '''
 
@@ -98,5 +110,5 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: statistics,
-    # 2 forward, 1 + 3 backward)
-    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 1 + 2 + 4))
+    # 2 forward, 2 x (1 + 3) backward, 2 reduce)
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 1 + 2 + 2 * 4 + 2))
