@@ -65,11 +65,13 @@ def _batch_stats_kernel(
     B, C, HW, stride_b, stride_c, stride_hw,
     BLOCK_B: tl.constexpr, BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """One program per channel: tiles of [BLOCK_B samples, BLOCK_HW pixels], each tile's mean and
-    sum of squared deviations exact in registers, merged across tiles as Chan et al. do (no
-    cancellation from a sum of squares)."""
+    """One program per channel: tiles of [BLOCK_B samples, BLOCK_HW pixels] of the values less the
+    channel's first value (so that sums stay at the scale of the spread, not of the mean), each
+    tile's mean and sum of squared deviations in registers, merged across tiles as Chan et al. do
+    (no cancellation from a sum of squares)."""
     c = tl.program_id(0)
     x_channel = x_ptr + c.to(tl.int64) * stride_c
+    shift = tl.load(x_channel).to(COMPUTE)
     count = tl.zeros([1], COMPUTE)
     mean = tl.zeros([1], COMPUTE)
     m2 = tl.zeros([1], COMPUTE)
@@ -80,6 +82,7 @@ def _batch_stats_kernel(
             mask = (rows < B)[:, None] & (pixels < HW)[None, :]
             x = tl.load(x_channel + rows[:, None].to(tl.int64) * stride_b + pixels[None, :] * stride_hw, mask=mask,
                         other=0.0).to(COMPUTE)
+            x = tl.where(mask, x - shift, 0.0)
             n = tl.sum(tl.sum(mask.to(COMPUTE), axis=1), axis=0)
             tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
             deviation = tl.where(mask, x - tile_mean, 0.0)
@@ -90,7 +93,7 @@ def _batch_stats_kernel(
             m2 += tile_m2 + delta * delta * (count * n / total)
             count = total
     offsets = tl.arange(0, 1)
-    tl.store(stats_ptr + c + offsets, mean)
+    tl.store(stats_ptr + c + offsets, shift + mean)
     tl.store(stats_ptr + C + c + offsets, m2 / count)
     tl.store(stats_ptr + 2 * C + c + offsets, m2 / tl.maximum(count - 1.0, 1.0))
 
@@ -365,8 +368,9 @@ def _stats_blocks(batch: int, pixels: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=256)
 def _reduce_blocks(channels: int, heads: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_K) of the reduce kernel (its BLOCK_B is 16)."""
-    return min(triton.next_power_of_2(channels), 32), min(triton.next_power_of_2(heads), 16)
+    """(BLOCK_C, BLOCK_K) of the reduce kernel (its BLOCK_B is 64): narrow channel blocks, so that
+    even 64 channels make 8 programs, each with few steps over the batch."""
+    return min(triton.next_power_of_2(channels), 8), min(triton.next_power_of_2(heads), 16)
 
 
 def _check(x: Tensor, cls_weight: Tensor, cls_bias: Tensor, conf_weight: Tensor, conf_bias: Tensor,
@@ -450,7 +454,7 @@ def batch_stats_launch(x: Tensor) -> Tensor:
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = _compute_dtype(x.dtype)
     stats = torch.empty(3, channels, dtype=compute, device=x.device)
-    if batch > 0 and channels > 0:
+    if x.numel() > 0:
         block_b, block_hw = _stats_blocks(batch, height * width)
         _launch_stats(
             (x.dtype, compute, block_b, block_hw), (channels,),
@@ -535,7 +539,7 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
                 (triton.cdiv(channels, reduce_c),),
                 (grad_logits, grad_conf, pooled, partials, grad_weight, grad_bias, totals,
                  batch, channels, classes, *head_strides),
-                dict(BN=bn, BLOCK_B=16, BLOCK_C=reduce_c, BLOCK_K=reduce_k, COMPUTE=_tl_dtype(compute)),
+                dict(BN=bn, BLOCK_B=64, BLOCK_C=reduce_c, BLOCK_K=reduce_k, COMPUTE=_tl_dtype(compute)),
             )
             return totals
 

@@ -98,7 +98,7 @@ for arch in (80, 90):
                             "partials_ptr": f"*{compute}", "grad_weight_ptr": f"*{data}", "grad_bias_ptr": f"*{data}",
                             "totals_ptr": f"*{compute}"},
                            ["B", "C", "K", "gl_stride_b", "gl_stride_k", "gc_stride"],
-                           {"BN": bn, "BLOCK_B": 16, "BLOCK_C": 32, "BLOCK_K": 16, "COMPUTE": compute_tl}, arch)
+                           {"BN": bn, "BLOCK_B": 64, "BLOCK_C": 8, "BLOCK_K": 16, "COMPUTE": compute_tl}, arch)
             count += 1
 print(count)
 '''
