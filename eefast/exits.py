@@ -61,18 +61,20 @@ class ExitBlock(nn.Module):
         bn = self._modules.get("bn")  # None (a plain attribute) unless bnpool
         if bn is None:
             return None
+        params, buffers = bn._parameters, bn._buffers  # the dicts directly, as in _heads
+        running_mean = buffers["running_mean"]
         return reference.BatchNormArgs(
-            bn.weight, bn.bias, bn.running_mean, bn.running_var,
-            bn.training or bn.running_mean is None, self._bn_momentum(), bn.eps,
+            params["weight"], params["bias"], running_mean, buffers["running_var"],
+            bn.training or running_mean is None, self._bn_momentum(bn, buffers["num_batches_tracked"]), bn.eps,
         )
 
-    def _bn_momentum(self) -> float:
+    @staticmethod
+    def _bn_momentum(bn: nn.BatchNorm2d, num_batches_tracked: Tensor | None) -> float:
         """nn.BatchNorm2d's momentum rule (momentum=None is a cumulative average)."""
-        bn = self.bn
-        if not (bn.training and bn.track_running_stats) or bn.num_batches_tracked is None:
+        if not (bn.training and bn.track_running_stats) or num_batches_tracked is None:
             return 0.0 if bn.momentum is None else bn.momentum
-        bn.num_batches_tracked.add_(1)
-        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        num_batches_tracked.add_(1)
+        return 1.0 / float(num_batches_tracked) if bn.momentum is None else bn.momentum
 
     def extra_repr(self) -> str:
         spatial = f", spatial={self.spatial}" if self.spatial else ""

@@ -254,6 +254,7 @@ def _ee_loss_backward_kernel(
 # ---- launchers -------------------------------------------------------------------------------
 
 MAX_EXITS = 64
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when Triton is: at import
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -338,7 +339,7 @@ def ee_loss_backward_launch(grad_ce, grad_cost, logits, conf_logits, target, cos
         ce_strides = cost_strides = (0, grad_ce.stride(0))  # every exit reads the per-sample gradient
     # The interpreter truncates float32 -> bfloat16 casts (a GPU rounds to nearest even): there
     # the gradient is written in float32 and rounded by torch.
-    interpreted_bf16 = logits.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted_bf16 = _INTERPRETED and logits.dtype == torch.bfloat16
     grad_dtype = torch.float32 if interpreted_bf16 else logits.dtype
     grad_logits = torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
     grad_conf = torch.empty(conf_logits.shape, dtype=torch.float32 if interpreted_bf16 else conf_logits.dtype,

@@ -337,10 +337,13 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when Triton is: at import
+
+
 def _interpreted_bf16(dtype: torch.dtype) -> bool:
     """The interpreter truncates float32 -> bfloat16 casts (a GPU rounds to nearest even): there
     bfloat16 outputs are written in float32 and rounded by torch."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETED and dtype == torch.bfloat16
 
 
 def _flat_strides(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
@@ -421,13 +424,15 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
         block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1)
         bn = mean is not None
         bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
-        heads = [t if t.is_contiguous() else t.contiguous() for t in (cls_weight, cls_bias, conf_weight, conf_bias)]
+        cls_weight, cls_bias = cls_weight.contiguous(), cls_bias.contiguous()  # (no copy when they are)
+        conf_weight, conf_bias = conf_weight.contiguous(), conf_bias.contiguous()
         hw_contiguous = stride_hw == 1
-        key = (x.dtype, *(t.dtype for t in heads), *(t.dtype for t in bn_tensors), out_dtype, bn, relu, hw_contiguous,
-               block_c, block_hw, block_k)
+        bn_weight, bn_bias, mean, var = bn_tensors
+        key = (x.dtype, cls_weight.dtype, cls_bias.dtype, conf_weight.dtype, conf_bias.dtype, bn_weight.dtype,
+               bn_bias.dtype, mean.dtype, var.dtype, out_dtype, bn, relu, hw_contiguous, block_c, block_hw, block_k)
         _launch_forward(
             key, (batch,),
-            (x, *heads, *bn_tensors, logits, conf, pooled,
+            (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, logits, conf, pooled,
              channels, height * width, classes, stride_b, stride_c, stride_hw, float(eps)),
             dict(BN=bn, RELU=relu, HW_CONTIGUOUS=hw_contiguous, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
                  COMPUTE=_tl_dtype(compute)),

@@ -377,3 +377,20 @@ def test_batch_statistics(shape, layout):
     count = x.numel() // x.shape[1]
     unbiased = var * count / max(count - 1, 1)
     torch.testing.assert_close(stats.double(), torch.stack([mean, var, unbiased]), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_strided_head_parameters(grad):
+    """Heads given as strided views (a transposed weight, every other bias) read as the reference reads them."""
+    params, _ = make(SHAPES["non-pow2"], "pool", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    cls_weight = torch.randn(37, 10, generator=g).to(DEVICE).t()  # [10, 37], strides (1, 10)
+    cls_bias = torch.randn(20, generator=g).to(DEVICE)[::2]
+    conf_weight = torch.randn(37, 1, generator=g).to(DEVICE).t()
+    conf_bias = torch.randn(3, generator=g).to(DEVICE)[1:2]
+    with torch.set_grad_enabled(grad):
+        x = params["x"].detach().requires_grad_(grad)
+        got = ops.exit_head(x, "pool", cls_weight, cls_bias, conf_weight, conf_bias, impl="triton")
+        want = ops.exit_head(x, "pool", cls_weight, cls_bias, conf_weight, conf_bias, impl="reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
