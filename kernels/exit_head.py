@@ -55,47 +55,87 @@ def _batch_norm_fold(weight_ptr, bias_ptr, mean_ptr, var_ptr, channels, c_mask, 
     return scale, shift, mean, rstd
 
 
-_STATS_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw"]
+@triton.jit
+def _merge_moments(count, mean, m2, n, tile_mean, tile_m2):
+    """Chan et al.'s merge of (count, mean, sum of squared deviations) with another group's."""
+    total = count + n
+    delta = tile_mean - mean
+    return total, mean + delta * (n / total), m2 + tile_m2 + delta * delta * (count * n / total)
 
 
-@triton.jit(do_not_specialize=_STATS_INTS, do_not_specialize_on_alignment=["x_ptr", "stats_ptr"])
+_STATS_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw", "rows_per_split"]
+
+
+@triton.jit(do_not_specialize=_STATS_INTS, do_not_specialize_on_alignment=["x_ptr", "stats_ptr", "partials_ptr"])
 def _batch_stats_kernel(
     x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
-    stats_ptr,  # [3, C] out: the batch's mean, biased variance and unbiased variance per channel
-    B, C, HW, stride_b, stride_c, stride_hw,
-    BLOCK_B: tl.constexpr, BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
+    stats_ptr,  # [3, C] out (not SPLIT): the batch's mean, biased variance and unbiased variance per channel
+    partials_ptr,  # [3, S, C] out (SPLIT): count, mean less the shift, sum of squared deviations per split
+    B, C, HW, stride_b, stride_c, stride_hw, rows_per_split,
+    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """One program per channel: tiles of [BLOCK_B samples, BLOCK_HW pixels] of the values less the
-    channel's first value (so that sums stay at the scale of the spread, not of the mean), each
-    tile's mean and sum of squared deviations in registers, merged across tiles as Chan et al. do
-    (no cancellation from a sum of squares)."""
+    """Program (c, s) takes channel c of samples [s * rows_per_split, (s + 1) * rows_per_split): tiles
+    of [BLOCK_B samples, BLOCK_HW pixels] of the values less the channel's first value (so that sums
+    stay at the scale of the spread, not of the mean), each tile's mean and sum of squared
+    deviations in registers, merged across tiles as Chan et al. do (no cancellation from a sum of
+    squares). One split writes the statistics; several write partials for the merge kernel."""
     c = tl.program_id(0)
+    split = tl.program_id(1)
     x_channel = x_ptr + c.to(tl.int64) * stride_c
     shift = tl.load(x_channel).to(COMPUTE)
     count = tl.zeros([1], COMPUTE)
     mean = tl.zeros([1], COMPUTE)
     m2 = tl.zeros([1], COMPUTE)
-    for b0 in range(0, B, BLOCK_B):
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, B)
+    for b0 in range(first, last, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         for p0 in range(0, HW, BLOCK_HW):
             pixels = p0 + tl.arange(0, BLOCK_HW)
-            mask = (rows < B)[:, None] & (pixels < HW)[None, :]
+            mask = (rows < last)[:, None] & (pixels < HW)[None, :]
             x = tl.load(x_channel + rows[:, None].to(tl.int64) * stride_b + pixels[None, :] * stride_hw, mask=mask,
                         other=0.0).to(COMPUTE)
             x = tl.where(mask, x - shift, 0.0)
             n = tl.sum(tl.sum(mask.to(COMPUTE), axis=1), axis=0)
             tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
             deviation = tl.where(mask, x - tile_mean, 0.0)
-            tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=1), axis=0)
-            total = count + n
-            delta = tile_mean - mean
-            mean += delta * (n / total)
-            m2 += tile_m2 + delta * delta * (count * n / total)
-            count = total
+            count, mean, m2 = _merge_moments(count, mean, m2, n, tile_mean,
+                                             tl.sum(tl.sum(deviation * deviation, axis=1), axis=0))
     offsets = tl.arange(0, 1)
-    tl.store(stats_ptr + c + offsets, shift + mean)
-    tl.store(stats_ptr + C + c + offsets, m2 / count)
-    tl.store(stats_ptr + 2 * C + c + offsets, m2 / tl.maximum(count - 1.0, 1.0))
+    if SPLIT:
+        splits = tl.num_programs(1)
+        tl.store(partials_ptr + split * C + c + offsets, count)
+        tl.store(partials_ptr + (splits + split) * C + c + offsets, mean)
+        tl.store(partials_ptr + (2 * splits + split) * C + c + offsets, m2)
+    else:
+        tl.store(stats_ptr + c + offsets, shift + mean)
+        tl.store(stats_ptr + C + c + offsets, m2 / count)
+        tl.store(stats_ptr + 2 * C + c + offsets, m2 / tl.maximum(count - 1.0, 1.0))
+
+
+@triton.jit(do_not_specialize=["C", "S", "stride_c"],
+            do_not_specialize_on_alignment=["x_ptr", "partials_ptr", "stats_ptr"])
+def _batch_stats_merge_kernel(
+    x_ptr,  # [B, C, H*W], for each channel's first value (the shift)
+    partials_ptr,  # [3, S, C] from _batch_stats_kernel
+    stats_ptr,  # [3, C] out: mean, biased variance, unbiased variance
+    C, S, stride_c,
+    BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = channels < C
+    count = tl.zeros([BLOCK_C], COMPUTE)
+    mean = tl.zeros([BLOCK_C], COMPUTE)
+    m2 = tl.zeros([BLOCK_C], COMPUTE)
+    for split in range(0, S):
+        n = tl.load(partials_ptr + split * C + channels, mask=c_mask, other=1.0)
+        split_mean = tl.load(partials_ptr + (S + split) * C + channels, mask=c_mask, other=0.0)
+        split_m2 = tl.load(partials_ptr + (2 * S + split) * C + channels, mask=c_mask, other=0.0)
+        count, mean, m2 = _merge_moments(count, mean, m2, n, split_mean, split_m2)
+    shift = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(COMPUTE)
+    tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
+    tl.store(stats_ptr + C + channels, m2 / count, mask=c_mask)
+    tl.store(stats_ptr + 2 * C + channels, m2 / tl.maximum(count - 1.0, 1.0), mask=c_mask)
 
 
 _FORWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"]
@@ -320,6 +360,7 @@ def _exit_head_reduce_kernel(
 # ---- launchers -------------------------------------------------------------------------------
 
 _launch_stats = FastLauncher(_batch_stats_kernel)
+_launch_stats_merge = FastLauncher(_batch_stats_merge_kernel)
 _launch_forward = FastLauncher(_exit_head_forward_kernel)
 _launch_backward = FastLauncher(_exit_head_backward_kernel)
 _launch_reduce = FastLauncher(_exit_head_reduce_kernel)
@@ -362,11 +403,23 @@ def _blocks(channels: int, pixels: int, heads: int = 1) -> tuple[int, int, int]:
     return block_c, block_hw, block_k
 
 
+# The statistics kernel splits the batch when a program per channel would leave the GPU mostly
+# idle with much to read each: under STATS_PROGRAMS channels and over STATS_SPLIT_MIN values per channel.
+STATS_PROGRAMS = 256
+STATS_SPLIT_MIN = 16384
+
+
 @functools.lru_cache(maxsize=256)
-def _stats_blocks(batch: int, pixels: int) -> tuple[int, int]:
-    """(BLOCK_B, BLOCK_HW) of the statistics kernel: tiles of up to 2048 values."""
+def _stats_blocks(batch: int, channels: int, pixels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_HW, splits, rows per split) of the statistics kernel: tiles of up to 2048
+    values, and the batch split so that about STATS_PROGRAMS programs run."""
     block_hw = min(triton.next_power_of_2(max(pixels, 1)), 256)
-    return min(triton.next_power_of_2(batch), max(1, 2048 // block_hw)), block_hw
+    block_b = min(triton.next_power_of_2(batch), max(1, 2048 // block_hw))
+    if channels >= STATS_PROGRAMS or batch * pixels <= STATS_SPLIT_MIN:
+        return block_b, block_hw, 1, batch
+    splits = min(-(-batch // block_b), -(-STATS_PROGRAMS // channels))
+    rows_per_split = -(-batch // splits // block_b) * block_b  # whole tiles
+    return block_b, block_hw, -(-batch // rows_per_split), rows_per_split
 
 
 @functools.lru_cache(maxsize=256)
@@ -460,12 +513,21 @@ def batch_stats_launch(x: Tensor) -> Tensor:
     compute = _compute_dtype(x.dtype)
     stats = torch.empty(3, channels, dtype=compute, device=x.device)
     if x.numel() > 0:
-        block_b, block_hw = _stats_blocks(batch, height * width)
+        block_b, block_hw, splits, rows_per_split = _stats_blocks(batch, channels, height * width)
+        split = splits > 1
+        partials = torch.empty(3, splits, channels, dtype=compute, device=x.device) if split else stats
         _launch_stats(
-            (x.dtype, compute, block_b, block_hw), (channels,),
-            (x, stats, batch, channels, height * width, stride_b, stride_c, stride_hw),
-            dict(BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=_tl_dtype(compute)),
+            (x.dtype, compute, split, block_b, block_hw), (channels, splits),
+            (x, stats, partials, batch, channels, height * width, stride_b, stride_c, stride_hw, rows_per_split),
+            dict(SPLIT=split, BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=_tl_dtype(compute)),
         )
+        if split:
+            block_c = min(triton.next_power_of_2(channels), 128)
+            _launch_stats_merge(
+                (x.dtype, compute, block_c), (-(-channels // block_c),),
+                (x, partials, stats, channels, splits, stride_c),
+                dict(BLOCK_C=block_c, COMPUTE=_tl_dtype(compute)),
+            )
     return stats
 
 

@@ -361,12 +361,17 @@ def test_each_mode_takes_its_path(monkeypatch):
     assert calls[2:] == ["exit_head_forward_launch"]
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (40, 3, 17, 17), (1, 4, 1, 1)], ids=["small", "many-tiles", "one-value"])
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (40, 3, 17, 17), (1, 4, 1, 1), (70, 2, 16, 16)],
+                         ids=["small", "many-tiles", "one-value", "batch-split"])
 def test_batch_statistics(shape, layout):
     """The statistics kernel against float64 var_mean, on data whose mean is 10^6 times its spread:
     shifted by the channel's first value and merged per tile, the variance stays accurate where a
-    sum of squares (or, on the GPU, unshifted tile means) would not."""
-    from eefast.kernels.exit_head import batch_stats_launch
+    sum of squares (or, on the GPU, unshifted tile means) would not. 'batch-split' splits the batch
+    over 9 programs per channel (the last with 6 samples) and merges their partials."""
+    from eefast.kernels.exit_head import _stats_blocks, batch_stats_launch
+
+    if shape[0] == 70:
+        assert _stats_blocks(70, 2, 256)[2:] == (9, 8)
 
     g = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, torch.float32)

@@ -62,9 +62,15 @@ for arch in (80, 90):
         # the exit head: without batch norm (NCHW), with it (channels_last); forward, then the backward's
         # launches (batch_stats, write_grad_x, write_partials): without batch norm dL/dx; with running
         # statistics dL/dx and the per-sample sums; with batch statistics the sums, then dL/dx
-        compile_kernel(exit_head._batch_stats_kernel, {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}"},
-                       ["B", "C", "HW", "stride_b", "stride_c", "stride_hw"],
-                       {"BLOCK_B": 32, "BLOCK_HW": 64, "COMPUTE": compute_tl}, arch)
+        for split in (False, True):  # the batch statistics, whole or split (then merged)
+            compile_kernel(exit_head._batch_stats_kernel,
+                           {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}", "partials_ptr": f"*{compute}"},
+                           ["B", "C", "HW", "stride_b", "stride_c", "stride_hw", "rows_per_split"],
+                           {"SPLIT": split, "BLOCK_B": 32, "BLOCK_HW": 64, "COMPUTE": compute_tl}, arch)
+            count += 1
+        compile_kernel(exit_head._batch_stats_merge_kernel,
+                       {"x_ptr": f"*{data}", "partials_ptr": f"*{compute}", "stats_ptr": f"*{compute}"},
+                       ["C", "S", "stride_c"], {"BLOCK_C": 64, "COMPUTE": compute_tl}, arch)
         count += 1
         for bn, hw_contiguous in ((False, True), (True, False)):
             bn_dtype = data if bn else compute
@@ -109,6 +115,6 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: statistics,
-    # 2 forward, 2 x (1 + 3) backward, 2 reduce)
-    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 1 + 2 + 2 * 4 + 2))
+    # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 2 statistics
+    # and a merge, 2 forward, 2 x (1 + 3) backward, 2 reduce)
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 3 + 2 + 2 * 4 + 2))
