@@ -192,3 +192,17 @@ def test_impl_choice():
     result = subprocess.run([sys.executable, "-c", "import eefast"], capture_output=True, text=True,
                             env={**os.environ, "EEFAST_IMPL": "fast"}, timeout=300)
     assert result.returncode != 0 and "EEFAST_IMPL: expected one of" in result.stderr
+
+
+def test_eager_autograd_skips_the_custom_op(monkeypatch):
+    """Eager training runs the loss through EELossEager (no custom-op dispatch); the custom op is
+    what torch.compile traces (test_compiles_with_fullgraph)."""
+    from eefast.kernels import ee_loss as kernel_module
+
+    calls = []
+    for name in ["ee_loss", "ee_loss_forward_launch"]:
+        original = getattr(kernel_module, name)
+        monkeypatch.setattr(kernel_module, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    logits, conf, target, costs = make((3, 4, 5), torch.float32)
+    ops.eenet_loss(logits, conf, target, costs, impl="triton").backward()
+    assert calls == ["ee_loss_forward_launch"] and logits.grad is not None and conf.grad is not None
