@@ -124,6 +124,37 @@ def test_exit_block_inference(benchmark, record, dtype, kind, impl, graphed):
     timed(benchmark, run)
 
 
+@pytest.mark.parametrize("graphed", [False, True], ids=["call", "graph-replay"])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["pool", "bnpool"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_exit_block_training_step(benchmark, record, dtype, kind, impl, graphed):
+    """One training step of an ExitBlock (train mode: batch statistics, running-statistics update):
+    forward, then the gradients of the input and every parameter. Called from Python (host time
+    counts), or replayed from a CUDA graph of the whole step (device time)."""
+    batch, channels, size, classes = 256, 64, 8, 10
+    torch.manual_seed(0)
+    block = eefast.ExitBlock(channels, classes, kind, impl=impl).cuda().to(dtype).train()
+    x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype, requires_grad=True)
+    params = [x, *block.parameters()]
+
+    def step():
+        logits, conf = block(x)
+        return torch.autograd.grad(logits.float().square().mean() + conf.float().mean(), params)
+
+    call = capture(lambda: tuple(step())).replay if graphed else step
+
+    def run():
+        call()
+        synchronize("cuda")
+
+    benchmark.group = f"exit block training step {kind} {str(dtype).removeprefix('torch.')} " \
+                      f"{'graph replay' if graphed else 'call'}"
+    record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl,
+           passes="both", graphed=graphed)
+    timed(benchmark, run)
+
+
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("classes", [10, 1000])
