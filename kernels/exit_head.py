@@ -11,14 +11,17 @@ pools, and applies the class head [K, C] and the confidence head [1, C] as one [
 writing the class logits [B, K], the confidence logits [B] and the pooled features [B, C]
 (float32, kept for the backward). A ``plain`` exit is the same kernel on x viewed as
 [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
-with the batch's, from a first kernel (one program per channel) whose results the op returns so
-that eefast.ops updates the running statistics as nn.BatchNorm2d does.
+with the batch's, from a statistics kernel (a program per channel, or per channel and part of
+the batch, then a merge) whose results the op returns so that eefast.ops updates the running
+statistics as nn.BatchNorm2d does.
 
-Backward: the heads' gradients are matrix products (torch). One program per sample writes dL/dx
-in x's layout and that sample's sums of dL/dz and dL/dz * x_hat (z the normalised input of the
-ReLU), whose batch totals are the gradients of the batch norm's bias and weight. With batch
-statistics dL/dx needs those totals, so a first launch writes the sums and a second, after torch
-adds them up, writes dL/dx.
+Backward: one program per sample computes dL/d pooled from dL/d (logits, confidence) and the
+heads, and writes dL/dx in x's layout and that sample's sums of dL/dz and dL/dz * x_hat (z the
+normalised input of the ReLU); a reduce kernel (a program per block of channels) sums over the
+batch dL/d heads, dL/d biases and those per-sample sums, whose totals are the gradients of the
+batch norm's bias and weight. With batch statistics dL/dx needs the totals, so the per-sample
+kernel runs twice: the sums, the reduce, then dL/dx. Heads over HEADS_IN_KERNEL_MAX weights get
+their gradients from torch's matrix products instead (each per-sample program would read them all).
 
 Inference (no autograd, no torch.compile) skips the custom op: ``exit_head_inference_launch``
 runs the forward kernel on the parameters as stored, one launch and nothing else; eager training
