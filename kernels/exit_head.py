@@ -450,10 +450,6 @@ def _check(x: Tensor, cls_weight: Tensor, cls_bias: Tensor, conf_weight: Tensor,
             raise ValueError(f"exit_head_fused: expected batch-norm tensors of shape [{channels}], got {list(tensor.shape)}")
 
 
-def _normalizes(running_mean: Tensor | None, batch_stats: bool) -> bool:
-    return batch_stats or running_mean is not None
-
-
 def _batch_norm_tensors(x, bn_weight, bn_bias, mean, var):
     """The four [C] tensors the kernels read (ones and zeros for a batch norm without affine
     parameters), or x four times (unread) without batch norm."""
