@@ -203,9 +203,7 @@ class EENet(nn.Module):
             logits.append(exit_logits)
             conf_logits.append(exit_conf)
         logits.append(self.classifier(self.stages[-1](h)))
-        dtype = logits[-1].dtype
-        conf = torch.stack(conf_logits) if conf_logits else logits[-1].new_empty((0, x.shape[0]))
-        return EENetOutput(torch.stack([t.to(dtype) for t in logits]), conf)
+        return EENetOutput(*_stack_exits(logits, conf_logits))
 
     def segment(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
         """Segment ``n`` of inference on the running rows ``h``: stage n, then exit n:
@@ -327,9 +325,7 @@ class EENet(nn.Module):
             confidence.append(exit_confidence)
             logits.append(exit_logits)
         logits.append(self.run_segment(len(self.exits), h)[0])
-        dtype = logits[-1].dtype
-        logits = torch.stack([t.to(dtype) for t in logits])  # [E, B, K]
-        confidence = torch.stack(confidence) if confidence else logits.new_empty((0, x.shape[0]))
+        logits, confidence = _stack_exits(logits, confidence)
         thresholds = self._threshold_tensors.get(x.device)
         if thresholds is None:  # copied once per device and setting, not on every call (a host sync on GPUs)
             thresholds = self._threshold_tensors[x.device] = torch.tensor(self._threshold, device=x.device)
@@ -395,6 +391,14 @@ class EENet(nn.Module):
             f"exits after blocks {self.exit_positions}, exit_type={self.exit_type!r}, costs=[{costs}], "
             f"threshold={self._threshold}"
         )
+
+
+def _stack_exits(logits: list[Tensor], scores: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(logits [E, B, K] in the final exit's dtype, scores [E-1, B]) from the per-exit lists (the
+    scores: confidences or confidence logits of the early exits, [0, B] without any)."""
+    final = logits[-1]
+    stacked = torch.stack([t.to(final.dtype) for t in logits])
+    return stacked, torch.stack(scores) if scores else final.new_empty((0, final.shape[0]))
 
 
 class EENetLoss(nn.Module):
