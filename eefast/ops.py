@@ -249,14 +249,18 @@ def exit_head(
         bn_stats = None if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
         return _triton_head.exit_head_inference_launch(x, *heads, bn_stats, normalizes)
     batch_stats = bn is not None and (bn.training or bn.running_mean is None)
+    values_per_channel = x.numel() // max(x.shape[1], 1)
+    if batch_stats and values_per_channel == 1:  # as F.batch_norm
+        raise ValueError(f"exit_head: batch statistics need more than 1 value per channel, got input of shape "
+                         f"{list(x.shape)}")
     bn_args = (None, None, None, None, 0.0) if bn is None else (
         bn.weight, bn.bias, None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
         float(bn.eps))
     # eager autograd skips the custom op's dispatch layers; torch.compile traces the custom op
     head = _triton_head.exit_head_fused if torch.compiler.is_compiling() else _triton_head.ExitHeadEager.apply
     logits, conf, _, stats = head(x, *heads, *bn_args, batch_stats, normalizes)
-    if batch_stats and bn.training and bn.running_mean is not None:
-        _update_running_stats(bn, stats)
+    if batch_stats and bn.training and bn.running_mean is not None and values_per_channel > 0:
+        _update_running_stats(bn, stats)  # (an empty batch leaves them, as nn.BatchNorm2d does)
     return logits, conf
 
 

@@ -511,7 +511,9 @@ def batch_stats_launch(x: Tensor) -> Tensor:
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = _compute_dtype(x.dtype)
     stats = torch.empty(3, channels, dtype=compute, device=x.device)
-    if x.numel() > 0:
+    if x.numel() == 0:
+        stats.fill_(float("nan"))  # as torch.var_mean of no values
+    else:
         block_b, block_hw, splits, rows_per_split = _stats_blocks(batch, channels, height * width)
         split = splits > 1
         partials = torch.empty(3, splits, channels, dtype=compute, device=x.device) if split else stats

@@ -399,3 +399,18 @@ def test_strided_head_parameters(grad):
         want = ops.exit_head(x, "pool", cls_weight, cls_bias, conf_weight, conf_bias, impl="reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_batch_statistics_of_one_value_raise_and_of_none_leave_the_running_statistics(impl):
+    """Training-mode batch norm on one value per channel raises (as F.batch_norm does); on an empty
+    batch it leaves the running statistics as they were (the fused path once lerped uninitialised
+    memory into them)."""
+    params, bn = make((1, 37, 1, 1, 10), "bnpool", torch.float32, training=True)
+    heads = [params[k] for k in ("cls_weight", "cls_bias", "conf_weight", "conf_bias")]
+    with pytest.raises(ValueError, match=r"more than 1 value per channel"):
+        ops.exit_head(params["x"], "bnpool", *heads, bn, impl=impl)
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    logits, conf = ops.exit_head(torch.randn(0, 37, 2, 2, device=DEVICE), "bnpool", *heads, bn, impl=impl)
+    assert logits.shape == (0, 10) and conf.shape == (0,)
+    torch.testing.assert_close((bn.running_mean, bn.running_var), before, rtol=0, atol=0)
