@@ -414,3 +414,16 @@ def test_batch_statistics_of_one_value_raise_and_of_none_leave_the_running_stati
     logits, conf = ops.exit_head(torch.randn(0, 37, 2, 2, device=DEVICE), "bnpool", *heads, bn, impl=impl)
     assert logits.shape == (0, 10) and conf.shape == (0,)
     torch.testing.assert_close((bn.running_mean, bn.running_var), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["pool", "bnpool"])
+def test_expanded_upstream_gradients(kind):
+    """logits.sum() hands the backward stride-0 gradients; the kernels read them with their strides."""
+    params, bn = make(SHAPES["non-pow2"], kind, torch.float32, training=True)
+    grads = {}
+    for impl in ("triton", "reference"):
+        logits, conf = ops.exit_head(params["x"], kind, params["cls_weight"], params["cls_bias"],
+                                     params["conf_weight"], params["conf_bias"], clone_bn(bn), impl=impl)
+        grads[impl] = torch.autograd.grad(logits.sum() + 3 * conf.sum(), list(params.values()))
+    for got, want in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
