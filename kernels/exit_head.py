@@ -713,4 +713,6 @@ class ExitHeadEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph: the custom op, whose outputs say it has no double backward
+            return _backward(ctx, *grads)
         return _backward(ctx, *grads, backward=exit_head_backward_launch)

@@ -206,3 +206,14 @@ def test_eager_autograd_skips_the_custom_op(monkeypatch):
     logits, conf, target, costs = make((3, 4, 5), torch.float32)
     ops.eenet_loss(logits, conf, target, costs, impl="triton").backward()
     assert calls == ["ee_loss_forward_launch"] and logits.grad is not None and conf.grad is not None
+
+
+def test_double_backward_raises():
+    """The fused loss's backward is not differentiable: asking for a second derivative says so
+    (with create_graph the eager path runs the custom backward op, which autograd knows has no
+    formula), rather than leaving the second-order terms out."""
+    logits, conf, target, costs = make((3, 4, 5), torch.float32)
+    loss = ops.eenet_loss(logits, conf, target, costs, impl="triton")
+    grad_logits, _ = torch.autograd.grad(loss, [logits, conf], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        (grad_logits * logits).sum().backward()

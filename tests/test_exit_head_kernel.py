@@ -427,3 +427,13 @@ def test_expanded_upstream_gradients(kind):
         grads[impl] = torch.autograd.grad(logits.sum() + 3 * conf.sum(), list(params.values()))
     for got, want in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_double_backward_raises():
+    """The fused backward is not differentiable: asking for a second derivative says so."""
+    params, _ = make(SHAPES["non-pow2"], "pool", torch.float32)
+    logits, _ = ops.exit_head(params["x"], "pool", params["cls_weight"], params["cls_bias"], params["conf_weight"],
+                              params["conf_bias"], impl="triton")
+    (grad_x,) = torch.autograd.grad(logits.square().sum(), [params["x"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        grad_x.sum().backward()
