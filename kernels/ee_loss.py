@@ -23,6 +23,7 @@ Imports torch and triton only.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 
@@ -291,8 +292,14 @@ def _check(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor) -
 def _split_float(value: float) -> tuple[float, float]:
     """``value`` as hi + lo, two float32s: Triton passes Python floats as float32, and a float64
     loss needs lam to more than float32's 24 bits."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi
+    try:
+        hi = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # older Pythons refuse to round past float32's range; newer give inf
+        hi = math.inf
+    if math.isfinite(value) and not math.isfinite(hi):
+        raise ValueError(f"ee_loss: expected lam within float32's range (|lam| <= 3.4e38) for the Triton kernels, "
+                         f"got {value}")
+    return hi, (value - hi if math.isfinite(hi) else 0.0)
 
 
 def ee_loss_forward_launch(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor,

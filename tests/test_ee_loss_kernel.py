@@ -217,3 +217,15 @@ def test_double_backward_raises():
     grad_logits, _ = torch.autograd.grad(loss, [logits, conf], create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         (grad_logits * logits).sum().backward()
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-30, 1e30, float("inf")])
+def test_extreme_lam(lam):
+    """lam reaches the kernels as two float32s: zero, tiny, huge and infinite weights give the
+    reference's loss; beyond float32's range (finite) is refused, naming the limit."""
+    logits, conf, target, costs = make((3, 4, 5), torch.float64)
+    with pytest.raises(ValueError, match=r"expected lam within float32's range .* got 1e\+39"):
+        ops.eenet_loss(logits, conf, target, costs.double(), 1e39, "v2", impl="triton")
+    got = ops.eenet_loss(logits, conf, target, costs.double(), lam, "v2", impl="triton")
+    want = ops.eenet_loss(logits, conf, target, costs.double(), lam, "v2", impl="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
