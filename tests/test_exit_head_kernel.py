@@ -22,6 +22,7 @@ SHAPES = {
     "k1000": (2, 64, 4, 4, 1000),
     "hw-chunks": (2, 3, 17, 17, 4),  # more pixels than one BLOCK_HW
     "c-chunks": (2, 300, 2, 3, 5),  # more channels than one BLOCK_C
+    "k-blocks": (3, 5, 3, 2, 100),  # heads' gradients in the kernels over several BLOCK_K
 }
 KINDS = ["pool", "bnpool", "plain"]
 # (rtol, atol) of the kernel against the reference computed in the same dtype
