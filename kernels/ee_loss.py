@@ -10,7 +10,7 @@ each sample's loss ([B]; its mean is the training loss) and the log-sum-exp of e
 ``ce = -log Y_n[target]`` and ``cost = C_n`` (each [E, B]) with the log-sum-exp: every loss
 version is a weighted sum of these parts (``eefast.reference.combine_loss_parts``). The two ops
 share their kernels: the per-sample loss is the parts summed in registers, and its backward reads
-one [B] gradient for every exit, so a training step runs two kernels, a mean and its backward.
+one [B] gradient for every exit, so a training step runs the two kernels, a mean and its backward.
 
 Each program handles BLOCK_B samples: it reads each exit's logits once (an online log-sum-exp
 over K in BLOCK_K chunks) and runs the E-step recursions in registers; the backward re-reads the
@@ -280,10 +280,10 @@ def _tl_dtype(dtype: torch.dtype):
 def _check(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor) -> None:
     num_exits, batch, _ = logits.shape
     if num_exits > MAX_EXITS:
-        raise ValueError(f"ee_loss_parts: expected at most {MAX_EXITS} exits, got {num_exits}")
+        raise ValueError(f"ee_loss: expected at most {MAX_EXITS} exits, got {num_exits}")
     if conf_logits.shape != (num_exits - 1, batch) or target.shape != (batch,) or costs.shape != (num_exits,):
         raise ValueError(
-            f"ee_loss_parts: expected conf_logits [{num_exits - 1}, {batch}], target [{batch}], costs [{num_exits}], "
+            f"ee_loss: expected conf_logits [{num_exits - 1}, {batch}], target [{batch}], costs [{num_exits}], "
             f"got {list(conf_logits.shape)}, {list(target.shape)}, {list(costs.shape)}"
         )
 
