@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import struct
 
 import torch
@@ -32,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dtypes import compute_dtype, tl_dtype, written_dtype
 from .launch import FastLauncher
 
 # ---- jit helpers -------------------------------------------------------------------------------
@@ -255,11 +255,6 @@ def _ee_loss_backward_kernel(
 # ---- launchers -------------------------------------------------------------------------------
 
 MAX_EXITS = 64
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when Triton is: at import
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=256)  # a host-time saving: computed once per shape
@@ -271,10 +266,6 @@ def _blocks(num_exits: int, classes: int) -> tuple[int, int, int]:
 
 _launch_forward = FastLauncher(_ee_loss_forward_kernel)
 _launch_backward = FastLauncher(_ee_loss_backward_kernel)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _check(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor) -> None:
@@ -310,7 +301,7 @@ def ee_loss_forward_launch(logits: Tensor, conf_logits: Tensor, target: Tensor, 
     num_exits, batch, classes = logits.shape
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     conf_logits, target, costs = conf_logits.contiguous(), target.contiguous(), costs.contiguous()
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     reduce = version is not None
     lse = torch.empty(num_exits, batch, dtype=dtype, device=logits.device)
     parts = (torch.empty(batch, dtype=dtype, device=logits.device),) if reduce else tuple(
@@ -325,7 +316,7 @@ def ee_loss_forward_launch(logits: Tensor, conf_logits: Tensor, target: Tensor, 
             (-(-batch // block_b),),  # cdiv (triton.cdiv takes 1.5 us of host time)
             (logits, conf_logits, target, costs, ce, cost, lse, loss, batch, classes, logits.stride(0),
              logits.stride(1), *_split_float(cost_weight)),
-            dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=_tl_dtype(dtype),
+            dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=tl_dtype(dtype),
                  REDUCE=reduce, CE_MODE=ce_mode, COST_MODE=cost_mode),
         )
     return (*parts, lse)
@@ -344,13 +335,8 @@ def ee_loss_backward_launch(grad_ce, grad_cost, logits, conf_logits, target, cos
         ce_strides, cost_strides = grad_ce.stride(), grad_cost.stride()
     else:
         ce_strides = cost_strides = (0, grad_ce.stride(0))  # every exit reads the per-sample gradient
-    # The interpreter truncates float32 -> bfloat16 casts (a GPU rounds to nearest even): there
-    # the gradient is written in float32 and rounded by torch.
-    interpreted_bf16 = _INTERPRETED and logits.dtype == torch.bfloat16
-    grad_dtype = torch.float32 if interpreted_bf16 else logits.dtype
-    grad_logits = torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
-    grad_conf = torch.empty(conf_logits.shape, dtype=torch.float32 if interpreted_bf16 else conf_logits.dtype,
-                            device=conf_logits.device)
+    grad_logits = torch.empty(logits.shape, dtype=written_dtype(logits.dtype), device=logits.device)
+    grad_conf = torch.empty(conf_logits.shape, dtype=written_dtype(conf_logits.dtype), device=conf_logits.device)
     if batch > 0:
         block_e, block_b, block_k = _blocks(num_exits, classes)
         _launch_backward(
@@ -360,7 +346,7 @@ def ee_loss_backward_launch(grad_ce, grad_cost, logits, conf_logits, target, cos
             (grad_ce, grad_cost, logits, conf_logits, target, costs, lse, grad_logits, grad_conf,
              batch, classes, logits.stride(0), logits.stride(1), *ce_strides, *cost_strides,
              *_split_float(cost_weight)),
-            dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=_tl_dtype(lse.dtype),
+            dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=tl_dtype(lse.dtype),
                  CE_MODE=ce_mode, COST_MODE=cost_mode),
         )
     return grad_logits.to(logits.dtype), grad_conf.to(conf_logits.dtype)
@@ -387,7 +373,7 @@ def ee_loss(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor, 
 def _(logits, conf_logits, target, costs, lam, version):
     _check(logits, conf_logits, target, costs)
     _check_version(version)
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     return logits.new_empty(logits.shape[1:2], dtype=dtype), logits.new_empty(logits.shape[:2], dtype=dtype)
 
 
@@ -454,7 +440,7 @@ def ee_loss_parts(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Te
 def _(logits, conf_logits, target, costs):
     _check(logits, conf_logits, target, costs)
     shape = logits.shape[:2]
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     return tuple(logits.new_empty(shape, dtype=dtype) for _ in range(3))
 
 

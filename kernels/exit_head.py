@@ -35,13 +35,13 @@ Imports torch and triton only.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dtypes import compute_dtype, tl_dtype, written_dtype
 from .launch import FastLauncher
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -373,23 +373,6 @@ _launch_reduce = FastLauncher(_exit_head_reduce_kernel)
 HEADS_IN_KERNEL_MAX = 16384
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when Triton is: at import
-
-
-def _interpreted_bf16(dtype: torch.dtype) -> bool:
-    """The interpreter truncates float32 -> bfloat16 casts (a GPU rounds to nearest even): there
-    bfloat16 outputs are written in float32 and rounded by torch."""
-    return _INTERPRETED and dtype == torch.bfloat16
-
-
 def _flat_strides(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     """x (made dense if need be) and its (batch, channel, pixel) strides with h, w flattened."""
     if x.stride(2) != x.shape[3] * x.stride(3) and x.shape[2] > 1:
@@ -467,8 +450,8 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
     batch, channels, height, width = x.shape
     classes = cls_weight.shape[0]
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
-    compute = _compute_dtype(x.dtype)
-    out_dtype = torch.float32 if _interpreted_bf16(x.dtype) else x.dtype
+    compute = compute_dtype(x.dtype)
+    out_dtype = written_dtype(x.dtype)
     logits = torch.empty(batch, classes, dtype=out_dtype, device=x.device)
     conf = torch.empty(batch, dtype=out_dtype, device=x.device)
     pooled = torch.empty(batch, channels, dtype=compute, device=x.device)
@@ -487,7 +470,7 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
             (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, logits, conf, pooled,
              channels, height * width, classes, stride_b, stride_c, stride_hw, float(eps)),
             dict(BN=bn, RELU=relu, HW_CONTIGUOUS=hw_contiguous, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
-                 COMPUTE=_tl_dtype(compute)),
+                 COMPUTE=tl_dtype(compute)),
         )
     if out_dtype != x.dtype:
         logits, conf = logits.to(x.dtype), conf.to(x.dtype)
@@ -509,7 +492,7 @@ def batch_stats_launch(x: Tensor) -> Tensor:
     variance (what it keeps in running_var) per channel of x [B, C, H, W]; float32 (float64)."""
     batch, channels, height, width = x.shape
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     stats = torch.empty(3, channels, dtype=compute, device=x.device)
     if x.numel() == 0:
         stats.fill_(float("nan"))  # as torch.var_mean of no values
@@ -520,14 +503,14 @@ def batch_stats_launch(x: Tensor) -> Tensor:
         _launch_stats(
             (x.dtype, compute, split, block_b, block_hw), (channels, splits),
             (x, stats, partials, batch, channels, height * width, stride_b, stride_c, stride_hw, rows_per_split),
-            dict(SPLIT=split, BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=_tl_dtype(compute)),
+            dict(SPLIT=split, BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=tl_dtype(compute)),
         )
         if split:
             block_c = min(triton.next_power_of_2(channels), 128)
             _launch_stats_merge(
                 (x.dtype, compute, block_c), (-(-channels // block_c),),
                 (x, partials, stats, channels, splits, stride_c),
-                dict(BLOCK_C=block_c, COMPUTE=_tl_dtype(compute)),
+                dict(BLOCK_C=block_c, COMPUTE=tl_dtype(compute)),
             )
     return stats
 
@@ -543,7 +526,7 @@ def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn
         mean, var = stats[0], stats[1]
     else:
         mean, var = running_mean, running_var
-        stats = x.new_empty(0, x.shape[1], dtype=_compute_dtype(x.dtype))
+        stats = x.new_empty(0, x.shape[1], dtype=compute_dtype(x.dtype))
     return (*_forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu),
             stats)
 
@@ -560,11 +543,10 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = pooled.dtype
     bn = mean is not None
-    grad_x = torch.empty_strided(x.shape, x.stride(), dtype=torch.float32 if _interpreted_bf16(x.dtype) else x.dtype,
-                                 device=x.device)
+    grad_x = torch.empty_strided(x.shape, x.stride(), dtype=written_dtype(x.dtype), device=x.device)
     partials = torch.empty((2, batch, channels) if bn else (0, 0, channels), dtype=compute, device=x.device)
     heads_in_kernel = (classes + 1) * channels <= HEADS_IN_KERNEL_MAX
-    param_dtype = torch.float32 if _interpreted_bf16(cls_weight.dtype) else cls_weight.dtype
+    param_dtype = written_dtype(cls_weight.dtype)
     if heads_in_kernel:
         grad_pooled = pooled  # unread
         grad_weight = torch.empty(classes + 1, channels, dtype=param_dtype, device=x.device)
@@ -595,7 +577,7 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
                  batch, channels, height * width, classes, stride_b, stride_c, stride_hw, *head_strides, float(eps)),
                 dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, HEADS_IN_KERNEL=heads_in_kernel,
                      WRITE_GRAD_X=write_grad_x, WRITE_PARTIALS=write_partials, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                     BLOCK_K=block_k, COMPUTE=_tl_dtype(compute)),
+                     BLOCK_K=block_k, COMPUTE=tl_dtype(compute)),
             )
 
         def batch_sums():
@@ -607,7 +589,7 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
                 (-(-channels // reduce_c),),  # cdiv (triton.cdiv takes 1.5 us of host time)
                 (grad_logits, grad_conf, pooled, partials, grad_weight, grad_bias, totals,
                  batch, channels, classes, *head_strides),
-                dict(BN=bn, BLOCK_B=64, BLOCK_C=reduce_c, BLOCK_K=reduce_k, COMPUTE=_tl_dtype(compute)),
+                dict(BN=bn, BLOCK_B=64, BLOCK_C=reduce_c, BLOCK_K=reduce_k, COMPUTE=tl_dtype(compute)),
             )
             return totals
 
@@ -642,7 +624,7 @@ def _(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, runni
       batch_stats, relu):
     _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
     batch, channels = x.shape[:2]
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     return (x.new_empty(batch, cls_weight.shape[0]), x.new_empty(batch), x.new_empty(batch, channels, dtype=compute),
             x.new_empty(3 if batch_stats else 0, channels, dtype=compute))
 
