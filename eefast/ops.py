@@ -243,12 +243,12 @@ def exit_head(
     if kind == "plain":
         x = x.contiguous().view(x.shape[0], -1, 1, 1)  # flatten in (C, H, W) order: C*H*W channels of one pixel
     heads = (cls_weight, cls_bias, conf_weight, conf_bias)
-    if _inference(x, heads, bn):
+    batch_stats = bn is not None and (bn.training or bn.running_mean is None)
+    if _inference(x, heads, bn, batch_stats):
         # one launch on the parameters as stored: without autograd or torch.compile watching, the
         # custom op around it would cost more host time than the kernel runs
         bn_stats = None if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
         return _triton_head.exit_head_inference_launch(x, *heads, bn_stats, normalizes)
-    batch_stats = bn is not None and (bn.training or bn.running_mean is None)
     values_per_channel = x.numel() // max(x.shape[1], 1)
     if batch_stats and values_per_channel == 1:  # as F.batch_norm
         raise ValueError(f"exit_head: batch statistics need more than 1 value per channel, got input of shape "
@@ -264,15 +264,13 @@ def exit_head(
     return logits, conf
 
 
-def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None) -> bool:
-    """Whether the exit head can skip the custom op: no gradient wanted, not traced by torch.compile,
-    and batch norm (if any) in eval mode with its full state."""
-    if torch.compiler.is_compiling():
+def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None, batch_stats: bool) -> bool:
+    """Whether the exit head can be one launch of the forward kernel: no gradient wanted, not traced
+    by torch.compile, and batch norm (if any) normalising with its running statistics."""
+    if torch.compiler.is_compiling() or batch_stats:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in heads) or (
-            bn is not None and any(t is not None and t.requires_grad for t in (bn.weight, bn.bias)))):
-        return False
-    return bn is None or not (bn.training or any(t is None for t in bn[:4]))
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in heads) or (
+        bn is not None and any(t is not None and t.requires_grad for t in (bn.weight, bn.bias)))))
 
 
 def _update_running_stats(bn: reference.BatchNormArgs, stats: Tensor) -> None:

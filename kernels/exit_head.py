@@ -644,10 +644,7 @@ def exit_head_fused_backward(
 @exit_head_fused_backward.register_fake
 def _(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, pooled, eps, batch_stats,
       relu):
-    if x.stride(2) != x.shape[3] * x.stride(3) and x.shape[2] > 1:
-        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    else:
-        grad_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    grad_x = torch.empty_strided(x.shape, _flat_strides(x)[0].stride(), dtype=x.dtype, device=x.device)
     heads = cls_weight.shape[0] + 1
     channels = x.shape[1]
     bn_dtype = bn_weight.dtype if bn_weight is not None else pooled.dtype
