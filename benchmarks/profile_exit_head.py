@@ -19,6 +19,7 @@ import torch
 import triton
 
 import eefast
+from benchmarks.workloads import exit_block_training_step, head_loss
 from eefast import ops
 from eefast.graphs import capture
 
@@ -56,16 +57,6 @@ def replay_us(fn, replays: int = 2000) -> float:
     return (time.perf_counter() - start) / replays * 1e6
 
 
-def training_step(block: eefast.ExitBlock, x: torch.Tensor):
-    """One training step of the block: its outputs' gradients for the input and every parameter."""
-    params = [x, *block.parameters()]
-
-    def step():
-        logits, conf = block(x)
-        return torch.autograd.grad(logits.float().square().mean() + conf.float().mean(), params)
-    return step
-
-
 def custom_op_step(block: eefast.ExitBlock, x: torch.Tensor):
     """The same step through the custom op (as torch.compile calls it), without running-statistics updates."""
     from eefast.kernels import exit_head as kernel
@@ -77,7 +68,7 @@ def custom_op_step(block: eefast.ExitBlock, x: torch.Tensor):
 
     def step():
         logits, conf, _, _ = kernel.exit_head_fused(x, *heads, *bn_args, bn is not None, bn is not None)
-        return torch.autograd.grad(logits.float().square().mean() + conf.float().mean(), params)
+        return torch.autograd.grad(head_loss(logits, conf), params)
     return step
 
 
@@ -123,9 +114,9 @@ def main() -> None:
             print(header)
             x_grad = x.clone().requires_grad_()
             fused.train(), eager.train()
-            report("ExitBlock, fused (eager autograd.Function)", training_step(fused, x_grad))
+            report("ExitBlock, fused (eager autograd.Function)", exit_block_training_step(fused, x_grad))
             report("custom op exit_head_fused (as compiled)", custom_op_step(fused, x_grad))
-            report("ExitBlock, eager PyTorch", training_step(eager, x_grad))
+            report("ExitBlock, eager PyTorch", exit_block_training_step(eager, x_grad))
     launches = kernel._launch_forward.launches + kernel._launch_backward.launches
     print(f"\ntriton {triton.__version__}: {launches} launches went straight to the compiled binary (kernels/launch.py)")
 

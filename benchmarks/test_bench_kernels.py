@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import eefast
+from benchmarks.workloads import exit_block_training_step, head_loss
 from eefast import ops, reference
 from eefast.graphs import capture
 from eefast.timing import synchronize
@@ -87,8 +88,7 @@ def test_exit_head(benchmark, record, dtype, kind, impl, passes):
         return ops.exit_head(x, kind, *params, bn, impl=impl)
 
     def step(x, *params):
-        logits, conf = head(x, *params)
-        return logits.float().square().mean() + conf.float().mean()
+        return head_loss(*head(x, *params))
 
     benchmark.group = f"exit_head {kind} {str(dtype).removeprefix('torch.')} {passes}"
     record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl, passes=passes)
@@ -136,12 +136,7 @@ def test_exit_block_training_step(benchmark, record, dtype, kind, impl, graphed)
     torch.manual_seed(0)
     block = eefast.ExitBlock(channels, classes, kind, impl=impl).cuda().to(dtype).train()
     x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype, requires_grad=True)
-    params = [x, *block.parameters()]
-
-    def step():
-        logits, conf = block(x)
-        return torch.autograd.grad(logits.float().square().mean() + conf.float().mean(), params)
-
+    step = exit_block_training_step(block, x)
     call = capture(lambda: tuple(step())).replay if graphed else step
 
     def run():

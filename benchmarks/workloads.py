@@ -1,4 +1,5 @@
-"""The benchmark workload: zoo models with a controlled exit mix on random 32x32 inputs.
+"""The benchmark workloads: zoo models with a controlled exit mix on random 32x32 inputs, and the
+exit-head training step.
 
 Per-exit thresholds come from the confidences of a calibration batch so that 50 / 25 / 15 / 10 %
 of its samples leave at successive exits (``eefast.EENet.thresholds_for_fractions``).
@@ -38,3 +39,17 @@ def _controlled_mix(name: str, device: str, dtype: torch.dtype, rows: int):
     batch = torch.randn(rows, *model.input_shape, generator=generator).to(device, dtype)
     model.threshold = model.thresholds_for_fractions(batch, MIX)
     return model, batch
+
+
+def head_loss(logits: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+    """The scalar the exit-head benchmarks differentiate: every output takes a gradient."""
+    return logits.float().square().mean() + conf.float().mean()
+
+
+def exit_block_training_step(block: eefast.ExitBlock, x: torch.Tensor):
+    """``step()``: one training step of the block, the gradients of head_loss for x and every parameter."""
+    params = [x, *block.parameters()]
+
+    def step():
+        return torch.autograd.grad(head_loss(*block(x)), params)
+    return step
