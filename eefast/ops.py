@@ -329,10 +329,6 @@ def eenet_loss_parts(
 ) -> tuple[Tensor, Tensor]:
     """Per exit: ``(CE(y, Y_n) [E], mean_batch(C_n) [E])`` (see eefast.reference.eenet_loss_parts)."""
     check_loss_args(logits, conf_logits, target, costs, 1.0, "v2")
-    return _loss_parts(logits, conf_logits, target, costs, impl)
-
-
-def _loss_parts(logits, conf_logits, target, costs, impl):
     if choose_impl(impl, logits) == "triton":
         ce, cost, _ = _triton_loss.ee_loss_parts(logits, conf_logits, target, costs)
         return ce.mean(dim=1), cost.mean(dim=1)
