@@ -7,8 +7,9 @@ Inference, layers outermost first: ``ExitBlock`` in eval mode, ``ops.exit_head``
 autograd: one launch on the parameters as stored), the bare inference launcher, and for
 comparison the custom op ``eefast::exit_head_fused`` that torch.compile uses. Training: one
 step of an ``ExitBlock`` in train mode (forward, then the gradients of every parameter and of the
-input), through the eager autograd.Function, and through the custom op as torch.compile would
-call it. B=256, C=64, 8x8, K=10.
+input from fixed gradients of its outputs), through the eager autograd.Function, and through the
+custom op as torch.compile would call it; then the device time of each kernel of the step
+(torch.profiler), fused and eager. B=256, C=64, 8x8, K=10.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import triton
 
 import eefast
-from benchmarks.workloads import exit_block_training_step, head_loss
+from benchmarks.workloads import exit_block_training_step, upstream_gradients
 from eefast import ops
 from eefast.graphs import capture
 
@@ -65,16 +66,41 @@ def custom_op_step(block: eefast.ExitBlock, x: torch.Tensor):
     bn = block.bn
     bn_args = (None, None, None, None, 0.0) if bn is None else (bn.weight, bn.bias, None, None, bn.eps)
     params = [x, *block.parameters()]
+    grad_outputs = upstream_gradients(block, x)
 
     def step():
         logits, conf, _, _ = kernel.exit_head_fused(x, *heads, *bn_args, bn is not None, bn is not None)
-        return torch.autograd.grad(head_loss(logits, conf), params)
+        return torch.autograd.grad((logits, conf), params, grad_outputs)
     return step
 
 
 def report(name: str, fn) -> None:
     host, synced = host_us(fn)
     print(f"  {name:<44} {host:>12.1f} {synced:>10.1f} {replay_us(fn):>12.1f}")
+
+
+def kernel_us(fn, steps: int = 200) -> list[tuple[str, float]]:
+    """(kernel name, device microseconds per step) of every GPU kernel ``fn`` launches, from
+    torch.profiler, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [(event.key, event.self_device_time_total / steps) for event in prof.key_averages()
+               if event.self_device_time_total > 0]
+    return sorted(kernels, key=lambda kernel: -kernel[1])
+
+
+def report_kernels(name: str, fn) -> None:
+    kernels = kernel_us(fn)
+    print(f"  {name}: {sum(us for _, us in kernels):.1f} us of kernels per step")
+    for kernel, us in kernels:
+        print(f"    {us:>8.2f}  {kernel[:90]}")
 
 
 def main() -> None:
@@ -117,6 +143,9 @@ def main() -> None:
             report("ExitBlock, fused (eager autograd.Function)", exit_block_training_step(fused, x_grad))
             report("custom op exit_head_fused (as compiled)", custom_op_step(fused, x_grad))
             report("ExitBlock, eager PyTorch", exit_block_training_step(eager, x_grad))
+            print("device time of each kernel of the training step")
+            report_kernels("fused", exit_block_training_step(fused, x_grad))
+            report_kernels("eager PyTorch", exit_block_training_step(eager, x_grad))
     launches = kernel._launch_forward.launches + kernel._launch_backward.launches
     print(f"\ntriton {triton.__version__}: {launches} launches went straight to the compiled binary (kernels/launch.py)")
 

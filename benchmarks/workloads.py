@@ -1,5 +1,5 @@
 """The benchmark workloads: zoo models with a controlled exit mix on random 32x32 inputs, and the
-exit-head training step.
+exit head's training step.
 
 Per-exit thresholds come from the confidences of a calibration batch so that 50 / 25 / 15 / 10 %
 of its samples leave at successive exits (``eefast.EENet.thresholds_for_fractions``).
@@ -41,15 +41,24 @@ def _controlled_mix(name: str, device: str, dtype: torch.dtype, rows: int):
     return model, batch
 
 
-def head_loss(logits: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
-    """The scalar the exit-head benchmarks differentiate: every output takes a gradient."""
-    return logits.float().square().mean() + conf.float().mean()
+def upstream_gradients(block: eefast.ExitBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed dL/d (logits [B, K], confidence logits [B]) for an exit block on x: what the head's
+    backward receives, so that the exit-head benchmarks time the head and nothing after it."""
+    return upstream_gradients_of(x.shape[0], block.classifier.out_features, x.dtype, x.device)
+
+
+def upstream_gradients_of(batch: int, classes: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return (torch.randn(batch, classes, generator=generator).to(device, dtype),
+            torch.randn(batch, generator=generator).to(device, dtype))
 
 
 def exit_block_training_step(block: eefast.ExitBlock, x: torch.Tensor):
-    """``step()``: one training step of the block, the gradients of head_loss for x and every parameter."""
+    """``step()``: one training step of the block alone: the forward, then the gradients of x and of
+    every parameter for fixed upstream gradients of its outputs (upstream_gradients)."""
     params = [x, *block.parameters()]
+    grad_outputs = upstream_gradients(block, x)
 
     def step():
-        return torch.autograd.grad(head_loss(*block(x)), params)
+        return torch.autograd.grad(block(x), params, grad_outputs)
     return step

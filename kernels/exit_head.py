@@ -8,20 +8,22 @@ Forward: one program per sample reads its feature map once, channel block by cha
 (NCHW or channels_last: any layout where h and w flatten into one stride), normalises it with
 the batch norm's weight, bias, mean and variance (folded per channel in the kernel), rectifies,
 pools, and applies the class head [K, C] and the confidence head [1, C] as one [K+1, C] matrix,
-writing the class logits [B, K], the confidence logits [B] and the pooled features [B, C]
-(float32, kept for the backward). A ``plain`` exit is the same kernel on x viewed as
-[B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
+writing the class logits [B, K], the confidence logits [B] and, for the backward, float32
+per-sample rows [1 or 3, B, C]: the pooled features and, with batch norm, each channel's count of
+values the ReLU passes and the sum of their x_hat. A ``plain`` exit is the same kernel on x viewed
+as [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
 with the batch's, from a statistics kernel (a program per channel, or per channel and part of
 the batch, then a merge) whose results the op returns so that eefast.ops updates the running
 statistics as nn.BatchNorm2d does.
 
-Backward: one program per sample computes dL/d pooled from dL/d (logits, confidence) and the
-heads, and writes dL/dx in x's layout and that sample's sums of dL/dz and dL/dz * x_hat (z the
-normalised input of the ReLU); a reduce kernel (a program per block of channels) sums over the
-batch dL/d heads, dL/d biases and those per-sample sums, whose totals are the gradients of the
-batch norm's bias and weight. With batch statistics dL/dx needs the totals, so the per-sample
-kernel runs twice: the sums, the reduce, then dL/dx. Heads over HEADS_IN_KERNEL_MAX weights get
-their gradients from torch's matrix products instead (each per-sample program would read them all).
+Backward, two launches. Within a sample and channel dL/dz (z the normalised input of the ReLU)
+is dL/d pooled / HW wherever the ReLU passes, so every sum over the batch follows from dL/d
+(logits, confidence), the heads and the forward's per-sample rows, without reading x: a reduce
+kernel (a program per block of channels) writes dL/d heads, dL/d biases and the batch norm's
+dL/d bias and weight (the batch sums of dL/dz and of dL/dz * x_hat). Then one program per sample
+writes dL/dx, which with batch statistics needs those sums. Heads over HEADS_IN_KERNEL_MAX weights
+get their gradients and dL/d pooled from torch's matrix products instead (each per-sample program
+would read them all).
 
 Inference (no autograd, no torch.compile) skips the custom op: ``exit_head_inference_launch``
 runs the forward kernel on the parameters as stored, one launch and nothing else; eager training
@@ -58,12 +60,43 @@ def _batch_norm_fold(weight_ptr, bias_ptr, mean_ptr, var_ptr, channels, c_mask, 
     return scale, shift, mean, rstd
 
 
+# How one sample's [C, H*W] feature map lies in memory (the LAYOUT of the kernels that read x)
+STRIDED, PIXELS_CONTIGUOUS, CHANNELS_CONTIGUOUS = 0, 1, 2
+
+
 @triton.jit
-def _merge_moments(count, mean, m2, n, tile_mean, tile_m2):
-    """Chan et al.'s merge of (count, mean, sum of squared deviations) with another group's."""
-    total = count + n
-    delta = tile_mean - mean
-    return total, mean + delta * (n / total), m2 + tile_m2 + delta * delta * (count * n / total)
+def _tile(row_ptr, channels, pixels, c_mask, HW, stride_c, stride_hw, LAYOUT: tl.constexpr, VEC: tl.constexpr):
+    """(pointers, mask) of the [channels, pixels] tile of one sample's feature map at row_ptr, with
+    the contiguous axis's stride written as 1 so that the compiler sees it. VEC > 1 promises that
+    along that axis the elements come in 16-byte aligned groups of VEC, each wholly in or out of
+    the map, so that the compiler issues 16-byte loads and stores: the strides and the base are
+    not specialised on (kernels/launch.py), so it cannot know this by itself, and the launchers
+    check it (_layout). The hints are set here, on values made here: on a function's arguments
+    they would be lost."""
+    mask = c_mask[:, None] & (pixels < HW)[None, :]
+    if LAYOUT == 1:
+        pointers = row_ptr + (channels[:, None] * stride_c + pixels[None, :])
+        if VEC > 1:
+            pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
+            mask = tl.max_constancy(mask, [1, VEC])
+    elif LAYOUT == 2:
+        pointers = row_ptr + (channels[:, None] + pixels[None, :] * stride_hw)
+        if VEC > 1:
+            pointers = tl.max_contiguous(tl.multiple_of(pointers, [16, 1]), [VEC, 1])
+            mask = tl.max_constancy(mask, [VEC, 1])
+    else:
+        pointers = row_ptr + (channels[:, None] * stride_c + pixels[None, :] * stride_hw)
+    return pointers, mask
+
+
+@triton.jit
+def _merge_moments(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
+    """Chan et al.'s merge of two groups' (mean, sum of squared deviations, count); empty groups
+    (count 0) merge as nothing. Also the combine function of tl.reduce over Welford lanes."""
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    weight_b = tl.where(count == 0.0, 0.0, count_b / tl.where(count == 0.0, 1.0, count))
+    return mean_a + delta * weight_b, m2_a + m2_b + delta * delta * count_a * weight_b, count
 
 
 _STATS_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw", "rows_per_split"]
@@ -75,45 +108,51 @@ def _batch_stats_kernel(
     stats_ptr,  # [3, C] out (not SPLIT): the batch's mean, biased variance and unbiased variance per channel
     partials_ptr,  # [3, S, C] out (SPLIT): count, mean less the shift, sum of squared deviations per split
     B, C, HW, stride_b, stride_c, stride_hw, rows_per_split,
-    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
+    SPLIT: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HW: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
-    """Program (c, s) takes channel c of samples [s * rows_per_split, (s + 1) * rows_per_split): tiles
-    of [BLOCK_B samples, BLOCK_HW pixels] of the values less the channel's first value (so that sums
-    stay at the scale of the spread, not of the mean), each tile's mean and sum of squared
-    deviations in registers, merged across tiles as Chan et al. do (no cancellation from a sum of
-    squares). One split writes the statistics; several write partials for the merge kernel."""
+    """Program (c, s) takes channel c of samples [s * rows_per_split, (s + 1) * rows_per_split) in
+    tiles of [BLOCK_B samples, BLOCK_HW pixels]. Each lane of the tile keeps a Welford (mean, sum of
+    squared deviations, count) of the values it reads, less the channel's first value (so that
+    they stay at the scale of the spread, not of the mean): the loop is elementwise, with no
+    reduction inside it, and the lanes are merged once at the end as Chan et al. merge groups (no
+    cancellation from a sum of squares). One split writes the statistics; several write partials
+    for the merge kernel."""
+    tl.static_assert(LAYOUT != 2, "a tile's rows are samples, never the contiguous axis")
     c = tl.program_id(0)
     split = tl.program_id(1)
     x_channel = x_ptr + c.to(tl.int64) * stride_c
     shift = tl.load(x_channel).to(COMPUTE)
-    count = tl.zeros([1], COMPUTE)
-    mean = tl.zeros([1], COMPUTE)
-    m2 = tl.zeros([1], COMPUTE)
+    count = tl.zeros([BLOCK_B, BLOCK_HW], COMPUTE)
+    mean = tl.zeros([BLOCK_B, BLOCK_HW], COMPUTE)
+    m2 = tl.zeros([BLOCK_B, BLOCK_HW], COMPUTE)
     first = split * rows_per_split
     last = tl.minimum(first + rows_per_split, B)
     for b0 in range(first, last, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         for p0 in range(0, HW, BLOCK_HW):
             pixels = p0 + tl.arange(0, BLOCK_HW)
-            mask = (rows < last)[:, None] & (pixels < HW)[None, :]
-            x = tl.load(x_channel + rows[:, None].to(tl.int64) * stride_b + pixels[None, :] * stride_hw, mask=mask,
-                        other=0.0).to(COMPUTE)
-            x = tl.where(mask, x - shift, 0.0)
-            n = tl.sum(tl.sum(mask.to(COMPUTE), axis=1), axis=0)
-            tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
-            deviation = tl.where(mask, x - tile_mean, 0.0)
-            count, mean, m2 = _merge_moments(count, mean, m2, n, tile_mean,
-                                             tl.sum(tl.sum(deviation * deviation, axis=1), axis=0))
+            # (the tile's rows are samples: the same offsets with stride_b as the row stride)
+            pointers, mask = _tile(x_channel, rows.to(tl.int64), pixels, rows < last, HW, stride_b, stride_hw, LAYOUT,
+                                   VEC)
+            x = tl.load(pointers, mask=mask, other=0.0).to(COMPUTE) - shift
+            count += mask.to(COMPUTE)
+            delta = tl.where(mask, x - mean, 0.0)
+            mean += delta / tl.maximum(count, 1.0)
+            m2 += delta * (x - mean)
+    mean, m2, count = tl.reduce((mean, m2, count), 1, _merge_moments)
+    mean, m2, count = tl.reduce((mean, m2, count), 0, _merge_moments)
     offsets = tl.arange(0, 1)
+    zero = tl.zeros([1], COMPUTE)
     if SPLIT:
         splits = tl.num_programs(1)
-        tl.store(partials_ptr + split * C + c + offsets, count)
-        tl.store(partials_ptr + (splits + split) * C + c + offsets, mean)
-        tl.store(partials_ptr + (2 * splits + split) * C + c + offsets, m2)
+        tl.store(partials_ptr + split * C + c + offsets, count + zero)
+        tl.store(partials_ptr + (splits + split) * C + c + offsets, mean + zero)
+        tl.store(partials_ptr + (2 * splits + split) * C + c + offsets, m2 + zero)
     else:
-        tl.store(stats_ptr + c + offsets, shift + mean)
-        tl.store(stats_ptr + C + c + offsets, m2 / count)
-        tl.store(stats_ptr + 2 * C + c + offsets, m2 / tl.maximum(count - 1.0, 1.0))
+        tl.store(stats_ptr + c + offsets, shift + mean + zero)
+        tl.store(stats_ptr + C + c + offsets, m2 / count + zero)
+        tl.store(stats_ptr + 2 * C + c + offsets, m2 / tl.maximum(count - 1.0, 1.0) + zero)
 
 
 @triton.jit(do_not_specialize=["C", "S", "stride_c"],
@@ -134,7 +173,7 @@ def _batch_stats_merge_kernel(
         n = tl.load(partials_ptr + split * C + channels, mask=c_mask, other=1.0)
         split_mean = tl.load(partials_ptr + (S + split) * C + channels, mask=c_mask, other=0.0)
         split_m2 = tl.load(partials_ptr + (2 * S + split) * C + channels, mask=c_mask, other=0.0)
-        count, mean, m2 = _merge_moments(count, mean, m2, n, split_mean, split_m2)
+        mean, m2, count = _merge_moments(mean, m2, count, split_mean, split_m2, n)
     shift = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(COMPUTE)
     tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
     tl.store(stats_ptr + C + channels, m2 / count, mask=c_mask)
@@ -143,7 +182,7 @@ def _batch_stats_merge_kernel(
 
 _FORWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"]
 _FORWARD_POINTERS = ["x_ptr", "cls_weight_ptr", "cls_bias_ptr", "conf_weight_ptr", "conf_bias_ptr", "bn_weight_ptr",
-                     "bn_bias_ptr", "mean_ptr", "var_ptr", "logits_ptr", "conf_ptr", "pooled_ptr"]
+                     "bn_bias_ptr", "mean_ptr", "var_ptr", "logits_ptr", "conf_ptr", "per_sample_ptr"]
 
 
 # No value-based specialisation: the binaries are launched again by key (kernels/launch.py).
@@ -160,33 +199,47 @@ def _exit_head_forward_kernel(
     var_ptr,  # [C] (BN) the running or the batch (biased) variance
     logits_ptr,  # [B, K] out
     conf_ptr,  # [B] out
-    pooled_ptr,  # [B, C] out, contiguous
+    per_sample_ptr,  # [1 or 3, B, C] out, contiguous, float32/64: pooled; (BN_SUMS) passed count, x_hat sum
     C, HW, K, stride_b, stride_c, stride_hw, eps,
-    BN: tl.constexpr, RELU: tl.constexpr, HW_CONTIGUOUS: tl.constexpr,
+    BN: tl.constexpr, RELU: tl.constexpr, BN_SUMS: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
 ):
+    """One program per sample. With BN_SUMS it also writes, per channel, what the batch norm's
+    gradients need of x: how many values the ReLU passes and the sum of their x_hat."""
+    tl.static_assert(BN or not BN_SUMS, "the per-sample sums are batch norm's")
     b = tl.program_id(0)
     x_row = x_ptr + b.to(tl.int64) * stride_b
+    pooled_ptr = per_sample_ptr
     # 1. pool the (normalised, rectified) feature map, channel block by channel block
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
         if BN:
-            scale, shift, _, _ = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels, c_mask,
-                                                  eps, COMPUTE)
+            scale, shift, mean, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels,
+                                                        c_mask, eps, COMPUTE)
         total = tl.zeros([BLOCK_C], COMPUTE)
+        passed_count = tl.zeros([BLOCK_C], COMPUTE)
+        passed_x_hat = tl.zeros([BLOCK_C], COMPUTE)
         for p0 in range(0, HW, BLOCK_HW):
             pixels = p0 + tl.arange(0, BLOCK_HW)
-            mask = c_mask[:, None] & (pixels < HW)[None, :]
-            pixel_offsets = pixels if HW_CONTIGUOUS else pixels * stride_hw
-            x = tl.load(x_row + channels[:, None] * stride_c + pixel_offsets[None, :], mask=mask, other=0.0)
+            pointers, mask = _tile(x_row, channels, pixels, c_mask, HW, stride_c, stride_hw, LAYOUT, VEC)
+            x = tl.load(pointers, mask=mask, other=0.0)
             z = x.to(COMPUTE)
             if BN:
                 z = z * scale[:, None] + shift[:, None]
+            passed = mask
             if RELU:
-                z = tl.maximum(z, 0.0)
-            total += tl.sum(tl.where(mask, z, 0.0), axis=1)
+                passed = mask & (z > 0.0)
+            total += tl.sum(tl.where(passed, z, 0.0), axis=1)
+            if BN_SUMS:
+                passed_count += tl.sum(passed.to(COMPUTE), axis=1)
+                x_hat = (x.to(COMPUTE) - mean[:, None]) * rstd[:, None]
+                passed_x_hat += tl.sum(tl.where(passed, x_hat, 0.0), axis=1)
         tl.store(pooled_ptr + b * C + channels, total / HW, mask=c_mask)
+        if BN_SUMS:
+            rows = tl.num_programs(0) * C
+            tl.store(per_sample_ptr + rows + b * C + channels, passed_count, mask=c_mask)
+            tl.store(per_sample_ptr + 2 * rows + b * C + channels, passed_x_hat, mask=c_mask)
     tl.debug_barrier()  # this program reads back the pooled row it wrote
     # 2. both heads as one [K+1, C] matrix: rows 0..K-1 the class head, row K the confidence head
     for k0 in range(0, K + 1, BLOCK_K):
@@ -222,10 +275,27 @@ def _head_rows(grad_logits_ptr, grad_conf_ptr, samples, s_mask, rows, K, gl_stri
     return g
 
 
-_BACKWARD_INTS = ["B", "C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b", "gl_stride_k", "gc_stride"]
+_BACKWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b", "gl_stride_k", "gc_stride"]
 _BACKWARD_POINTERS = ["grad_pooled_ptr", "grad_logits_ptr", "grad_conf_ptr", "cls_weight_ptr", "conf_weight_ptr",
-                      "x_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "totals_ptr", "grad_x_ptr",
-                      "partials_ptr"]
+                      "x_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "totals_ptr", "grad_x_ptr"]
+
+
+@triton.jit
+def _grad_pooled(grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr, samples, s_mask, channels, c_mask,
+                 C, K, gl_stride_b, gl_stride_k, gc_stride, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
+    """dL/d pooled of the given samples and channels, [samples, channels]: dL/d [logits, conf] @ the
+    [K+1, C] heads."""
+    grad = tl.zeros([samples.shape[0], channels.shape[0]], COMPUTE)
+    for k0 in range(0, K + 1, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        g = _head_rows(grad_logits_ptr, grad_conf_ptr, samples, s_mask, rows, K, gl_stride_b, gl_stride_k,
+                       gc_stride, COMPUTE)  # [samples, BLOCK_K]
+        w = tl.load(cls_weight_ptr + rows[:, None] * C + channels[None, :],
+                    mask=(rows < K)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+        w += tl.load(conf_weight_ptr + (rows[:, None] - K) * C + channels[None, :],
+                     mask=(rows == K)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)  # [BLOCK_K, channels]
+        grad += tl.sum(g[:, :, None] * w[None, :, :], axis=1)
+    return grad
 
 
 @triton.jit(do_not_specialize=_BACKWARD_INTS, do_not_specialize_on_alignment=_BACKWARD_POINTERS)
@@ -240,124 +310,123 @@ def _exit_head_backward_kernel(
     bn_bias_ptr,  # [C] (BN)
     mean_ptr,  # [C] (BN)
     var_ptr,  # [C] (BN)
-    totals_ptr,  # [2, C] (BATCH_STATS and WRITE_GRAD_X): batch sums of dL/dz and of dL/dz * x_hat
-    grad_x_ptr,  # [B, C, H*W] out (WRITE_GRAD_X), same strides as x
-    partials_ptr,  # [2, B, C] out (WRITE_PARTIALS): this sample's sums of dL/dz and of dL/dz * x_hat
-    B, C, HW, K, stride_b, stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps,
+    totals_ptr,  # [2, C] (BATCH_STATS): batch sums of dL/dz and of dL/dz * x_hat, from the reduce kernel
+    grad_x_ptr,  # [B, C, H*W] out, same strides as x
+    C, HW, K, stride_b, stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps,
     BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
-    WRITE_GRAD_X: tl.constexpr, WRITE_PARTIALS: tl.constexpr,
+    LAYOUT: tl.constexpr, VEC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    tl.static_assert(BN or not (WRITE_PARTIALS or BATCH_STATS), "the per-sample sums are batch norm's")
+    """One program per sample writes its dL/dx (with x's strides, so VEC holds for it as for x)."""
+    tl.static_assert(BN or not BATCH_STATS, "batch statistics are batch norm's")
     b = tl.program_id(0)
     x_row = x_ptr + b.to(tl.int64) * stride_b
     grad_x_row = grad_x_ptr + b.to(tl.int64) * stride_b
-    count = tl.cast(B, COMPUTE) * tl.cast(HW, COMPUTE)  # values per channel in the batch
+    count = tl.cast(tl.num_programs(0), COMPUTE) * tl.cast(HW, COMPUTE)  # values per channel in the batch
+    sample = b + tl.arange(0, 1)
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
-        if HEADS_IN_KERNEL:  # dL/d pooled = dL/d [logits, conf] @ [K+1, C] heads
-            grad_pool = tl.zeros([BLOCK_C], COMPUTE)
-            for k0 in range(0, K + 1, BLOCK_K):
-                rows = k0 + tl.arange(0, BLOCK_K)
-                g = tl.sum(_head_rows(grad_logits_ptr, grad_conf_ptr, b + tl.arange(0, 1), tl.arange(0, 1) == 0, rows,
-                                      K, gl_stride_b, gl_stride_k, gc_stride, COMPUTE), axis=0)  # [BLOCK_K]
-                w = tl.load(cls_weight_ptr + rows[:, None] * C + channels[None, :],
-                            mask=(rows < K)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
-                w += tl.load(conf_weight_ptr + (rows[:, None] - K) * C + channels[None, :],
-                             mask=(rows == K)[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
-                grad_pool += tl.sum(g[:, None] * w, axis=0)
-            grad_pool = grad_pool / HW
+        if HEADS_IN_KERNEL:
+            grad_pool = tl.sum(_grad_pooled(grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr, sample,
+                                            sample >= 0, channels, c_mask, C, K, gl_stride_b, gl_stride_k, gc_stride,
+                                            BLOCK_K, COMPUTE), axis=0) / HW
         else:
             grad_pool = tl.load(grad_pooled_ptr + b * C + channels, mask=c_mask, other=0.0).to(COMPUTE) / HW
         if BN:
             scale, shift, mean, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels,
                                                         c_mask, eps, COMPUTE)
-            if BATCH_STATS and WRITE_GRAD_X:  # z = x_hat * w + b with x_hat from the batch's mean and variance
+            if BATCH_STATS:  # z = x_hat * w + b with x_hat from the batch's mean and variance
                 total_g = tl.load(totals_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
                 total_g_xhat = tl.load(totals_ptr + C + channels, mask=c_mask, other=0.0).to(COMPUTE)
-        sum_g = tl.zeros([BLOCK_C], COMPUTE)
-        sum_g_xhat = tl.zeros([BLOCK_C], COMPUTE)
         for p0 in range(0, HW, BLOCK_HW):
             pixels = p0 + tl.arange(0, BLOCK_HW)
-            mask = c_mask[:, None] & (pixels < HW)[None, :]
-            offsets = channels[:, None] * stride_c + pixels[None, :] * stride_hw
-            x = tl.load(x_row + offsets, mask=mask, other=0.0).to(COMPUTE)
+            grad_x_pointers, mask = _tile(grad_x_row, channels, pixels, c_mask, HW, stride_c, stride_hw, LAYOUT, VEC)
             g = grad_pool[:, None] + tl.zeros([BLOCK_C, BLOCK_HW], COMPUTE)  # dL/dz
+            if RELU or BATCH_STATS:  # (pool without batch norm reads no x)
+                x_pointers, _ = _tile(x_row, channels, pixels, c_mask, HW, stride_c, stride_hw, LAYOUT, VEC)
+                x = tl.load(x_pointers, mask=mask, other=0.0).to(COMPUTE)
             if RELU:
                 z = x
                 if BN:
                     z = x * scale[:, None] + shift[:, None]
                 g = tl.where(z > 0.0, g, 0.0)
-            g = tl.where(mask, g, 0.0)
+            grad_x = g
             if BN:
-                x_hat = (x - mean[:, None]) * rstd[:, None]
-            if WRITE_GRAD_X:
-                grad_x = g
-                if BN:
-                    if BATCH_STATS:  # through the batch's mean and variance as well
-                        grad_x = scale[:, None] * (g - (total_g[:, None] + x_hat * total_g_xhat[:, None]) / count)
-                    else:
-                        grad_x = g * scale[:, None]
-                tl.store(grad_x_row + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-            if WRITE_PARTIALS:
-                sum_g += tl.sum(g, axis=1)
-                sum_g_xhat += tl.sum(tl.where(mask, g * x_hat, 0.0), axis=1)
-        if WRITE_PARTIALS:
-            tl.store(partials_ptr + b * C + channels, sum_g, mask=c_mask)
-            tl.store(partials_ptr + B * C + b * C + channels, sum_g_xhat, mask=c_mask)
+                if BATCH_STATS:  # through the batch's mean and variance as well
+                    x_hat = (x - mean[:, None]) * rstd[:, None]
+                    grad_x = scale[:, None] * (g - (total_g[:, None] + x_hat * total_g_xhat[:, None]) / count)
+                else:
+                    grad_x = g * scale[:, None]
+            tl.store(grad_x_pointers, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-_REDUCE_INTS = ["B", "C", "K", "gl_stride_b", "gl_stride_k", "gc_stride"]
-_REDUCE_POINTERS = ["grad_logits_ptr", "grad_conf_ptr", "pooled_ptr", "partials_ptr", "grad_weight_ptr",
-                    "grad_bias_ptr", "totals_ptr"]
+_REDUCE_INTS = ["B", "C", "HW", "K", "gl_stride_b", "gl_stride_k", "gc_stride"]
+_REDUCE_POINTERS = ["grad_pooled_ptr", "grad_logits_ptr", "grad_conf_ptr", "cls_weight_ptr", "conf_weight_ptr",
+                    "per_sample_ptr", "grad_weight_ptr", "grad_bias_ptr", "totals_ptr"]
 
 
 @triton.jit(do_not_specialize=_REDUCE_INTS, do_not_specialize_on_alignment=_REDUCE_POINTERS)
 def _exit_head_reduce_kernel(
+    grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64 (unless HEADS_IN_KERNEL)
     grad_logits_ptr,  # [B, K] strides (gl_stride_b, gl_stride_k)
     grad_conf_ptr,  # [B] stride gc_stride
-    pooled_ptr,  # [B, C] contiguous, float32/64
-    partials_ptr,  # [2, B, C] (BN) per-sample sums from the backward kernel
-    grad_weight_ptr,  # [K+1, C] out: dL/d heads (rows 0..K-1 the class head, row K the confidence head)
-    grad_bias_ptr,  # [K+1] out
-    totals_ptr,  # [2, C] out (BN): batch sums of the partials, dL/d (batch-norm bias, weight)
-    B, C, K, gl_stride_b, gl_stride_k, gc_stride,
-    BN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+    cls_weight_ptr,  # [K, C] contiguous (HEADS_IN_KERNEL)
+    conf_weight_ptr,  # [1, C] (HEADS_IN_KERNEL)
+    per_sample_ptr,  # [1 or 3, B, C] contiguous, float32/64, from the forward: pooled; (BN) passed count, x_hat sum
+    grad_weight_ptr,  # [K+1, C] out (HEADS_IN_KERNEL): dL/d heads (rows 0..K-1 the class head, row K the confidence)
+    grad_bias_ptr,  # [K+1] out (HEADS_IN_KERNEL)
+    totals_ptr,  # [2, C] out (BN): batch sums of dL/dz and of dL/dz * x_hat, = dL/d (batch-norm bias, weight)
+    B, C, HW, K, gl_stride_b, gl_stride_k, gc_stride,
+    BN: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """One program per block of channels: the sums over the batch that the heads' and the batch
-    norm's gradients are (dL/d heads = dL/d out^T @ pooled, dL/d bias = column sums)."""
+    """One program per block of channels: the sums over the batch that the gradients of the heads
+    (dL/d heads = dL/d out^T @ pooled, dL/d bias = column sums) and of the batch norm are. Within
+    a sample and channel dL/dz is dL/d pooled / HW wherever the ReLU passes, so the batch norm's
+    sums are dL/d pooled / HW times the forward's passed count and x_hat sum: no pass over x."""
+    tl.static_assert(BN or HEADS_IN_KERNEL, "nothing to reduce")
     pid = tl.program_id(0)
     channels = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = channels < C
-    for k0 in range(0, K + 1, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_K, BLOCK_C], COMPUTE)
-        bias = tl.zeros([BLOCK_K], COMPUTE)
-        for b0 in range(0, B, BLOCK_B):
-            samples = b0 + tl.arange(0, BLOCK_B)
-            s_mask = samples < B
-            g = _head_rows(grad_logits_ptr, grad_conf_ptr, samples, s_mask, rows, K, gl_stride_b, gl_stride_k,
-                           gc_stride, COMPUTE)  # [BLOCK_B, BLOCK_K]
-            pooled = tl.load(pooled_ptr + samples[:, None] * C + channels[None, :],
-                             mask=s_mask[:, None] & c_mask[None, :], other=0.0)  # [BLOCK_B, BLOCK_C]
-            acc += tl.sum(g[:, :, None] * pooled[:, None, :], axis=0)
-            bias += tl.sum(g, axis=0)
-        k_mask = rows < K + 1
-        tl.store(grad_weight_ptr + rows[:, None] * C + channels[None, :], acc.to(grad_weight_ptr.dtype.element_ty),
-                 mask=k_mask[:, None] & c_mask[None, :])
-        tl.store(grad_bias_ptr + rows, bias.to(grad_bias_ptr.dtype.element_ty), mask=k_mask & (pid == 0))
+    if HEADS_IN_KERNEL:
+        for k0 in range(0, K + 1, BLOCK_K):
+            rows = k0 + tl.arange(0, BLOCK_K)
+            acc = tl.zeros([BLOCK_K, BLOCK_C], COMPUTE)
+            bias = tl.zeros([BLOCK_K], COMPUTE)
+            for b0 in range(0, B, BLOCK_B):
+                samples = b0 + tl.arange(0, BLOCK_B)
+                s_mask = samples < B
+                g = _head_rows(grad_logits_ptr, grad_conf_ptr, samples, s_mask, rows, K, gl_stride_b, gl_stride_k,
+                               gc_stride, COMPUTE)  # [BLOCK_B, BLOCK_K]
+                pooled = tl.load(per_sample_ptr + samples[:, None] * C + channels[None, :],
+                                 mask=s_mask[:, None] & c_mask[None, :], other=0.0)  # [BLOCK_B, BLOCK_C]
+                acc += tl.sum(g[:, :, None] * pooled[:, None, :], axis=0)
+                bias += tl.sum(g, axis=0)
+            k_mask = rows < K + 1
+            tl.store(grad_weight_ptr + rows[:, None] * C + channels[None, :], acc.to(grad_weight_ptr.dtype.element_ty),
+                     mask=k_mask[:, None] & c_mask[None, :])
+            tl.store(grad_bias_ptr + rows, bias.to(grad_bias_ptr.dtype.element_ty), mask=k_mask & (pid == 0))
     if BN:
         sum_g = tl.zeros([BLOCK_C], COMPUTE)
         sum_g_xhat = tl.zeros([BLOCK_C], COMPUTE)
         for b0 in range(0, B, BLOCK_B):
             samples = b0 + tl.arange(0, BLOCK_B)
-            mask = (samples < B)[:, None] & c_mask[None, :]
+            s_mask = samples < B
+            mask = s_mask[:, None] & c_mask[None, :]
             offsets = samples[:, None] * C + channels[None, :]
-            sum_g += tl.sum(tl.load(partials_ptr + offsets, mask=mask, other=0.0), axis=0)
-            sum_g_xhat += tl.sum(tl.load(partials_ptr + B * C + offsets, mask=mask, other=0.0), axis=0)
-        tl.store(totals_ptr + channels, sum_g.to(totals_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(totals_ptr + C + channels, sum_g_xhat.to(totals_ptr.dtype.element_ty), mask=c_mask)
+            if HEADS_IN_KERNEL:
+                grad_pool = _grad_pooled(grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr, samples,
+                                         s_mask, channels, c_mask, C, K, gl_stride_b, gl_stride_k, gc_stride, BLOCK_K,
+                                         COMPUTE)  # [BLOCK_B, BLOCK_C]
+            else:
+                grad_pool = tl.load(grad_pooled_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            passed_count = tl.load(per_sample_ptr + B * C + offsets, mask=mask, other=0.0)
+            passed_x_hat = tl.load(per_sample_ptr + 2 * B * C + offsets, mask=mask, other=0.0)
+            sum_g += tl.sum(grad_pool * passed_count, axis=0)
+            sum_g_xhat += tl.sum(grad_pool * passed_x_hat, axis=0)
+        tl.store(totals_ptr + channels, (sum_g / HW).to(totals_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(totals_ptr + C + channels, (sum_g_xhat / HW).to(totals_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -380,11 +449,47 @@ def _flat_strides(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return x, (x.stride(0), x.stride(1), x.stride(3))
 
 
+@functools.lru_cache(maxsize=1024)
+def _layout_of(channels: int, pixels: int, strides: tuple[int, int, int], element_size: int) -> tuple[int, int]:
+    """(LAYOUT, VEC) for a map with these (batch, channel, pixel) strides, if its base is 16-byte
+    aligned: VEC is the number of elements in 16 bytes where the contiguous axis's length and the
+    other strides are multiples of it (so that every group starts aligned and lies wholly in or out
+    of the map), 1 elsewhere. (Tiles span at least VEC along the contiguous axis then: _blocks.)"""
+    stride_b, stride_c, stride_hw = strides
+    vec = 16 // element_size
+    if stride_hw == 1 and pixels > 1:
+        layout, aligned = PIXELS_CONTIGUOUS, pixels % vec == 0 and stride_c % vec == 0
+    elif stride_c == 1:
+        layout, aligned = CHANNELS_CONTIGUOUS, channels % vec == 0 and (pixels == 1 or stride_hw % vec == 0)
+    else:
+        layout, aligned = STRIDED, False
+    return layout, vec if aligned and stride_b % vec == 0 and vec > 1 else 1
+
+
+def _layout(x: Tensor, strides: tuple[int, int, int]) -> tuple[int, int]:
+    """(LAYOUT, VEC) of the kernels that read x [B, C, H, W] with these flattened strides (and
+    write dL/dx with the same strides, freshly allocated, so as aligned as can be)."""
+    layout, vec = _layout_of(x.shape[1], x.shape[2] * x.shape[3], strides, x.element_size())
+    return layout, vec if x.data_ptr() % 16 == 0 else 1
+
+
+# Values per tile of the kernels that read x: 16-byte loads keep 32 values a thread (4 warps) in
+# few registers; without them a tile holds fewer (a thread then holds values of many channels,
+# each with its own batch-norm constants), as the register counts of the sm_90 binaries ask.
+TILE_VECTORIZED = 4096
+TILE_SCALAR = 1024
+
+
 @functools.lru_cache(maxsize=256)  # a host-time saving: computed once per shape
-def _blocks(channels: int, pixels: int, heads: int = 1) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_HW, BLOCK_K)."""
-    block_hw = min(triton.next_power_of_2(max(pixels, 1)), 256)
-    block_c = max(1, min(triton.next_power_of_2(channels), 4096 // block_hw, 128))
+def _blocks(channels: int, pixels: int, heads: int, layout: int, vec: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_HW, BLOCK_K): tiles long along the contiguous axis."""
+    tile = TILE_VECTORIZED if vec > 1 else TILE_SCALAR
+    if layout == CHANNELS_CONTIGUOUS:
+        block_c = min(triton.next_power_of_2(channels), 128)
+        block_hw = max(1, min(triton.next_power_of_2(max(pixels, 1)), tile // block_c))
+    else:
+        block_hw = min(triton.next_power_of_2(max(pixels, 1)), 256)
+        block_c = max(1, min(triton.next_power_of_2(channels), tile // block_hw, 128))
     block_k = min(triton.next_power_of_2(heads), 64)
     return block_c, block_hw, block_k
 
@@ -445,8 +550,11 @@ def _batch_norm_tensors(x, bn_weight, bn_bias, mean, var):
     return bn_weight, bn_bias, mean, var
 
 
-def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu):
-    """(logits [B, K], conf [B], pooled [B, C]); batch norm with (mean, var) unless mean is None."""
+def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu, bn_sums):
+    """(logits [B, K], conf [B], per_sample [1 or 3, B, C]); batch norm with (mean, var) unless mean
+    is None. per_sample[0] is the pooled features; with ``bn_sums`` (batch norm only) per_sample[1]
+    and [2] are, per sample and channel, the count of values the ReLU passes and the sum of their
+    x_hat, which the backward's batch-norm sums are made of."""
     batch, channels, height, width = x.shape
     classes = cls_weight.shape[0]
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
@@ -454,27 +562,28 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
     out_dtype = written_dtype(x.dtype)
     logits = torch.empty(batch, classes, dtype=out_dtype, device=x.device)
     conf = torch.empty(batch, dtype=out_dtype, device=x.device)
-    pooled = torch.empty(batch, channels, dtype=compute, device=x.device)
+    per_sample = torch.empty(3 if bn_sums else 1, batch, channels, dtype=compute, device=x.device)
     if batch > 0:
-        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1)
+        layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
+        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
         bn = mean is not None
         bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
         cls_weight, cls_bias = cls_weight.contiguous(), cls_bias.contiguous()  # (no copy when they are)
         conf_weight, conf_bias = conf_weight.contiguous(), conf_bias.contiguous()
-        hw_contiguous = stride_hw == 1
         bn_weight, bn_bias, mean, var = bn_tensors
         key = (x.dtype, cls_weight.dtype, cls_bias.dtype, conf_weight.dtype, conf_bias.dtype, bn_weight.dtype,
-               bn_bias.dtype, mean.dtype, var.dtype, out_dtype, bn, relu, hw_contiguous, block_c, block_hw, block_k)
+               bn_bias.dtype, mean.dtype, var.dtype, out_dtype, bn, relu, bn_sums, layout, vec, block_c, block_hw,
+               block_k)
         _launch_forward(
             key, (batch,),
-            (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, logits, conf, pooled,
+            (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, logits, conf, per_sample,
              channels, height * width, classes, stride_b, stride_c, stride_hw, float(eps)),
-            dict(BN=bn, RELU=relu, HW_CONTIGUOUS=hw_contiguous, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k,
-                 COMPUTE=tl_dtype(compute)),
+            dict(BN=bn, RELU=relu, BN_SUMS=bn_sums, LAYOUT=layout, VEC=vec, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                 BLOCK_K=block_k, COMPUTE=tl_dtype(compute)),
         )
     if out_dtype != x.dtype:
         logits, conf = logits.to(x.dtype), conf.to(x.dtype)
-    return logits, conf, pooled
+    return logits, conf, per_sample
 
 
 def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_stats, relu):
@@ -484,7 +593,8 @@ def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, 
     parameters change, and a CUDA graph of it reads the parameters themselves."""
     bn_weight, bn_bias, mean, var, eps = (None, None, None, None, 0.0) if bn_stats is None else bn_stats
     _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, mean, var))
-    return _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu)[:2]
+    return _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu,
+                    False)[:2]
 
 
 def batch_stats_launch(x: Tensor) -> Tensor:
@@ -500,10 +610,13 @@ def batch_stats_launch(x: Tensor) -> Tensor:
         block_b, block_hw, splits, rows_per_split = _stats_blocks(batch, channels, height * width)
         split = splits > 1
         partials = torch.empty(3, splits, channels, dtype=compute, device=x.device) if split else stats
+        # a program's tile is [samples, pixels] of one channel: only pixels can be the contiguous axis
+        layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
+        layout, vec = (layout, vec) if layout == PIXELS_CONTIGUOUS else (STRIDED, 1)
         _launch_stats(
-            (x.dtype, compute, split, block_b, block_hw), (channels, splits),
+            (x.dtype, compute, split, layout, vec, block_b, block_hw), (channels, splits),
             (x, stats, partials, batch, channels, height * width, stride_b, stride_c, stride_hw, rows_per_split),
-            dict(SPLIT=split, BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=tl_dtype(compute)),
+            dict(SPLIT=split, LAYOUT=layout, VEC=vec, BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=tl_dtype(compute)),
         )
         if split:
             block_c = min(triton.next_power_of_2(channels), 128)
@@ -517,9 +630,10 @@ def batch_stats_launch(x: Tensor) -> Tensor:
 
 def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, running_mean,
                              running_var, eps, batch_stats, relu):
-    """(logits [B, K], conf [B], pooled [B, C], batch statistics [3, C]). With ``batch_stats``
-    batch norm uses the batch's mean and biased variance, returned with the unbiased variance
-    (batch_stats_launch); otherwise the running statistics (if given), and the last output is [0, C]."""
+    """(logits [B, K], conf [B], per_sample [1 or 3, B, C] (see _forward; 3 with batch norm),
+    batch statistics [3, C]). With ``batch_stats`` batch norm uses the batch's mean and biased
+    variance, returned with the unbiased variance (batch_stats_launch); otherwise the running
+    statistics (if given), and the last output is [0, C]."""
     _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
     if batch_stats:
         stats = batch_stats_launch(x)
@@ -527,79 +641,66 @@ def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn
     else:
         mean, var = running_mean, running_var
         stats = x.new_empty(0, x.shape[1], dtype=compute_dtype(x.dtype))
-    return (*_forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu),
-            stats)
+    return (*_forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu,
+                      mean is not None), stats)
 
 
 def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var,
-                              pooled, eps, batch_stats, relu):
+                              per_sample, eps, batch_stats, relu):
     """(dL/dx in x's layout, dL/d heads [K+1, C], dL/d biases [K+1], dL/d batch-norm (bias, weight)
-    [2, C] or [0, C] without batch norm). Small heads: the per-sample kernel (dL/dx, per-sample
-    sums) and the reduce kernel (every sum over the batch), with the per-sample kernel again after
-    the reduce when dL/dx needs the batch sums (batch statistics). Large heads: torch's matrix
-    products for the heads, then the same per-sample launches."""
+    [2, C] or [0, C] without batch norm), from the forward's per_sample [1 or 3, B, C]. Two
+    launches: the reduce kernel (every sum over the batch), then the per-sample kernel (dL/dx,
+    which with batch statistics needs those sums). Heads over HEADS_IN_KERNEL_MAX weights take
+    their gradients and dL/d pooled from torch's matrix products instead."""
     batch, channels, height, width = x.shape
     classes = cls_weight.shape[0]
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
-    compute = pooled.dtype
+    compute = per_sample.dtype
     bn = mean is not None
     grad_x = torch.empty_strided(x.shape, x.stride(), dtype=written_dtype(x.dtype), device=x.device)
-    partials = torch.empty((2, batch, channels) if bn else (0, 0, channels), dtype=compute, device=x.device)
+    totals = torch.empty((2 if bn else 0, channels), dtype=compute, device=x.device)
     heads_in_kernel = (classes + 1) * channels <= HEADS_IN_KERNEL_MAX
     param_dtype = written_dtype(cls_weight.dtype)
     if heads_in_kernel:
-        grad_pooled = pooled  # unread
+        grad_pooled = per_sample  # unread
         grad_weight = torch.empty(classes + 1, channels, dtype=param_dtype, device=x.device)
         grad_bias = torch.empty(classes + 1, dtype=param_dtype, device=x.device)
-        totals = torch.empty((2 if bn else 0, channels), dtype=compute, device=x.device)
     else:
         grad_out = torch.cat([grad_logits, grad_conf[:, None]], dim=1).to(compute)  # [B, K+1]
         grad_pooled = grad_out @ torch.cat([cls_weight, conf_weight]).to(compute)  # [B, C]
-        grad_weight = (grad_out.t() @ pooled).to(cls_weight.dtype)
+        grad_weight = (grad_out.t() @ per_sample[0]).to(cls_weight.dtype)
         grad_bias = grad_out.sum(0).to(cls_weight.dtype)
     if batch == 0:
         grad_weight.zero_()
         grad_bias.zero_()
-        totals = torch.zeros((2 if bn else 0, channels), dtype=compute, device=x.device)
+        totals.zero_()
     else:
         cls_weight, conf_weight = cls_weight.contiguous(), conf_weight.contiguous()
-        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1)
-        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
         head_strides = (grad_logits.stride(0), grad_logits.stride(1), grad_conf.stride(0))
-        key = (compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, x.dtype,
-               *(t.dtype for t in bn_tensors), grad_x.dtype, bn, relu, batch_stats, heads_in_kernel, block_c, block_hw,
-               block_k)
-
-        def per_sample(write_grad_x, write_partials, totals=partials):  # (totals are read only with batch statistics)
-            _launch_backward(
-                (*key, write_grad_x, write_partials), (batch,),
-                (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, x, *bn_tensors, totals, grad_x, partials,
-                 batch, channels, height * width, classes, stride_b, stride_c, stride_hw, *head_strides, float(eps)),
-                dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, HEADS_IN_KERNEL=heads_in_kernel,
-                     WRITE_GRAD_X=write_grad_x, WRITE_PARTIALS=write_partials, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                     BLOCK_K=block_k, COMPUTE=tl_dtype(compute)),
-            )
-
-        def batch_sums():
-            if not heads_in_kernel:
-                return partials.sum(1)
+        if heads_in_kernel or bn:
             reduce_c, reduce_k = _reduce_blocks(channels, classes + 1)
             _launch_reduce(
-                (grad_logits.dtype, grad_conf.dtype, compute, param_dtype, bn, reduce_c, reduce_k),
+                (grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, compute, grad_weight.dtype,
+                 grad_bias.dtype, bn, heads_in_kernel, reduce_c, reduce_k),
                 (-(-channels // reduce_c),),  # cdiv (triton.cdiv takes 1.5 us of host time)
-                (grad_logits, grad_conf, pooled, partials, grad_weight, grad_bias, totals,
-                 batch, channels, classes, *head_strides),
-                dict(BN=bn, BLOCK_B=64, BLOCK_C=reduce_c, BLOCK_K=reduce_k, COMPUTE=tl_dtype(compute)),
+                (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, per_sample, grad_weight, grad_bias,
+                 totals, batch, channels, height * width, classes, *head_strides),
+                dict(BN=bn, HEADS_IN_KERNEL=heads_in_kernel, BLOCK_B=64, BLOCK_C=reduce_c, BLOCK_K=reduce_k,
+                     COMPUTE=tl_dtype(compute)),
             )
-            return totals
-
-        if batch_stats:  # dL/dx needs the batch sums first
-            per_sample(False, True)
-            totals = batch_sums()
-            per_sample(True, False, totals)
-        else:
-            per_sample(True, bn)
-            totals = batch_sums()
+        layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
+        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
+        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
+        _launch_backward(
+            (compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, x.dtype,
+             *(t.dtype for t in bn_tensors), grad_x.dtype, bn, relu, batch_stats, heads_in_kernel, layout, vec, block_c,
+             block_hw, block_k),
+            (batch,),
+            (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, x, *bn_tensors, totals, grad_x,
+             channels, height * width, classes, stride_b, stride_c, stride_hw, *head_strides, float(eps)),
+            dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, HEADS_IN_KERNEL=heads_in_kernel, LAYOUT=layout, VEC=vec,
+                 BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k, COMPUTE=tl_dtype(compute)),
+        )
     grad_bn = totals if bn_weight is None or totals.dtype == bn_weight.dtype else totals.to(bn_weight.dtype)
     return grad_x.to(x.dtype), grad_weight.to(cls_weight.dtype), grad_bias.to(cls_weight.dtype), grad_bn
 
@@ -613,8 +714,9 @@ def exit_head_fused(
     bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
     eps: float, batch_stats: bool, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logits [B, K], conf [B], pooled [B, C], batch statistics [3, C] or [0, C]) of
-    relu?(batch_norm?(x)) pooled, then both heads (see exit_head_forward_launch)."""
+    """(logits [B, K], conf [B], per_sample [1 or 3, B, C], batch statistics [3, C] or [0, C]) of
+    relu?(batch_norm?(x)) pooled, then both heads. per_sample[0] is the pooled features; with
+    batch norm, per_sample[1:] is what its gradients need of x (see exit_head_forward_launch)."""
     return exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias,
                                     running_mean, running_var, eps, batch_stats, relu)
 
@@ -625,50 +727,54 @@ def _(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, runni
     _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
     batch, channels = x.shape[:2]
     compute = compute_dtype(x.dtype)
-    return (x.new_empty(batch, cls_weight.shape[0]), x.new_empty(batch), x.new_empty(batch, channels, dtype=compute),
+    bn = batch_stats or running_mean is not None
+    return (x.new_empty(batch, cls_weight.shape[0]), x.new_empty(batch),
+            x.new_empty(3 if bn else 1, batch, channels, dtype=compute),
             x.new_empty(3 if batch_stats else 0, channels, dtype=compute))
 
 
 @torch.library.custom_op("eefast::exit_head_fused_backward", mutates_args=())
 def exit_head_fused_backward(
     grad_logits: Tensor, grad_conf: Tensor, x: Tensor, cls_weight: Tensor, conf_weight: Tensor,
-    bn_weight: Tensor | None, bn_bias: Tensor | None, mean: Tensor | None, var: Tensor | None, pooled: Tensor,
+    bn_weight: Tensor | None, bn_bias: Tensor | None, mean: Tensor | None, var: Tensor | None, per_sample: Tensor,
     eps: float, batch_stats: bool, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dL/dx in x's layout, dL/d heads [K+1, C], dL/d biases [K+1], dL/d batch-norm (bias, weight)
-    [2, C], or [0, C] without batch norm)."""
+    [2, C], or [0, C] without batch norm), given the forward's per_sample."""
     return exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean,
-                                     var, pooled, eps, batch_stats, relu)
+                                     var, per_sample, eps, batch_stats, relu)
 
 
 @exit_head_fused_backward.register_fake
-def _(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, pooled, eps, batch_stats,
+def _(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, per_sample, eps, batch_stats,
       relu):
     grad_x = torch.empty_strided(x.shape, _flat_strides(x)[0].stride(), dtype=x.dtype, device=x.device)
     heads = cls_weight.shape[0] + 1
     channels = x.shape[1]
-    bn_dtype = bn_weight.dtype if bn_weight is not None else pooled.dtype
+    bn_dtype = bn_weight.dtype if bn_weight is not None else per_sample.dtype
     return (grad_x, cls_weight.new_empty(heads, channels), cls_weight.new_empty(heads),
-            pooled.new_empty((2 if mean is not None else 0, channels), dtype=bn_dtype))
+            per_sample.new_empty((2 if mean is not None else 0, channels), dtype=bn_dtype))
 
 
 def _setup_context(ctx, inputs, output):
     x, cls_weight, _, conf_weight, _, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = inputs
-    _, _, pooled, stats = output
+    _, _, per_sample, stats = output
     mean, var = (stats[0], stats[1]) if batch_stats else (running_mean, running_var)
     ctx.eps, ctx.batch_stats, ctx.relu = eps, batch_stats, relu
     ctx.has_bn_weight, ctx.has_bn_bias = bn_weight is not None, bn_bias is not None
-    ctx.save_for_backward(x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, pooled)
-    ctx.mark_non_differentiable(pooled, stats)
+    ctx.save_for_backward(x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, per_sample)
+    ctx.mark_non_differentiable(per_sample, stats)
 
 
-def _backward(ctx, grad_logits, grad_conf, grad_pooled, grad_stats, backward=exit_head_fused_backward):
-    x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, pooled = ctx.saved_tensors
-    grad_logits = torch.zeros(pooled.shape[0], cls_weight.shape[0], dtype=x.dtype, device=x.device) \
+def _backward(ctx, grad_logits, grad_conf, grad_per_sample, grad_stats, backward=exit_head_fused_backward):
+    x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, per_sample = ctx.saved_tensors
+    batch = x.shape[0]
+    grad_logits = torch.zeros(batch, cls_weight.shape[0], dtype=x.dtype, device=x.device) \
         if grad_logits is None else grad_logits
-    grad_conf = torch.zeros(pooled.shape[0], dtype=x.dtype, device=x.device) if grad_conf is None else grad_conf
+    grad_conf = torch.zeros(batch, dtype=x.dtype, device=x.device) if grad_conf is None else grad_conf
     grad_x, grad_weight, grad_bias, grad_bn = backward(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight,
-                                                       bn_bias, mean, var, pooled, ctx.eps, ctx.batch_stats, ctx.relu)
+                                                       bn_bias, mean, var, per_sample, ctx.eps, ctx.batch_stats,
+                                                       ctx.relu)
     classes = cls_weight.shape[0]
     return (grad_x, grad_weight[:classes], grad_bias[:classes], grad_weight[classes:], grad_bias[classes:],
             grad_bn[1] if ctx.has_bn_weight else None, grad_bn[0] if ctx.has_bn_bias else None,

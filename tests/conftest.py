@@ -3,15 +3,21 @@
 Without a GPU, TRITON_INTERPRET=1 is set here, before any kernel module is imported, so Triton
 kernels run on CPU tensors. Tests marked ``cuda`` skip without a GPU (../conftest.py). In CI (CI set in the environment) a
 missing compiled extension is a failure, not a skip.
+
+torch.compile's caches do not notice a changed custom op (its fake kernel, the outputs it saves
+for the backward): a cache from before the change fails in ways that have nothing to do with the
+code. So each test run compiles into a cache of its own, unless TORCHINDUCTOR_CACHE_DIR is set.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="eefast-inductor-"))
 
 IN_CI = bool(os.environ.get("CI"))
 

@@ -182,14 +182,14 @@ def test_opcheck(mode):
 
     args = head_op_args(mode, torch.float32)
     torch.library.opcheck(torch.ops.eefast.exit_head_fused, args)
-    logits, conf, pooled, stats = exit_head_fused(*args)
+    logits, conf, per_sample, stats = exit_head_fused(*args)
     x, cls_weight, _, conf_weight, _, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = args
     mean, var = (stats[0], stats[1]) if batch_stats else (running_mean, running_var)
     detached = [None if t is None else t.detach() for t in (x, cls_weight, conf_weight, bn_weight, bn_bias)]
     torch.library.opcheck(torch.ops.eefast.exit_head_fused_backward,
                           (torch.randn_like(logits), torch.randn_like(conf), *detached[:3], *detached[3:],
                            None if mean is None else mean.detach(), None if var is None else var.detach(),
-                           pooled.detach(), eps, batch_stats, relu))
+                           per_sample.detach(), eps, batch_stats, relu))
 
 
 def fused_eenet8(seed=0, exit_type="pool"):
@@ -438,3 +438,52 @@ def test_double_backward_raises():
     (grad_x,) = torch.autograd.grad(logits.square().sum(), [params["x"]], create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         grad_x.sum().backward()
+
+
+def _strided_views():
+    """label: (x, expected (LAYOUT, VEC)) over the layouts the kernels meet."""
+    from eefast.kernels.exit_head import CHANNELS_CONTIGUOUS, PIXELS_CONTIGUOUS, STRIDED
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    return {
+        "nchw-8x8-fp32": (randn(3, 64, 8, 8), (PIXELS_CONTIGUOUS, 4)),
+        "nchw-8x8-bf16": (randn(3, 64, 8, 8, dtype=torch.bfloat16), (PIXELS_CONTIGUOUS, 8)),
+        "nchw-8x8-fp64": (randn(3, 64, 8, 8, dtype=torch.float64), (PIXELS_CONTIGUOUS, 2)),
+        "nchw-7x7": (randn(3, 64, 7, 7), (PIXELS_CONTIGUOUS, 1)),
+        "nchw-14x14-bf16": (randn(3, 8, 14, 14, dtype=torch.bfloat16), (PIXELS_CONTIGUOUS, 1)),  # 196 % 8
+        "nchw-offset-base": (randn(3 * 64 * 64 + 1)[1:].view(3, 64, 8, 8), (PIXELS_CONTIGUOUS, 1)),
+        "nchw-channel-slice": (randn(3, 66, 8, 8)[:, 1:65], (PIXELS_CONTIGUOUS, 4)),  # base 64 floats in: aligned
+        "channels-last": (randn(3, 64, 8, 8).contiguous(memory_format=torch.channels_last), (CHANNELS_CONTIGUOUS, 4)),
+        "channels-last-c3": (randn(3, 3, 8, 8).contiguous(memory_format=torch.channels_last), (CHANNELS_CONTIGUOUS, 1)),
+        "plain-flattened": (randn(3, 5 * 4 * 4, 1, 1), (CHANNELS_CONTIGUOUS, 4)),
+        "pixel-strided": (randn(3, 16, 8, 16)[..., ::2], (STRIDED, 1)),
+    }
+
+
+@pytest.mark.parametrize("label", list(_strided_views()))
+def test_vector_width_promise(label):
+    """The launchers promise the kernels 16-byte groups along the contiguous axis (tl.multiple_of,
+    max_contiguous, max_constancy: the interpreter ignores them, a GPU would read wrong values if
+    they were false). The promise, checked on the addresses: every group of VEC elements starts
+    16-byte aligned and lies wholly inside the map."""
+    from eefast.kernels.exit_head import CHANNELS_CONTIGUOUS, PIXELS_CONTIGUOUS, _flat_strides, _layout
+
+    x, expected = _strided_views()[label]
+    x, strides = _flat_strides(x)
+    layout, vec = _layout(x, strides)
+    assert (layout, vec) == expected
+    batch, channels, height, width = x.shape
+    stride_b, stride_c, stride_hw = strides
+    b, c, p = torch.meshgrid(torch.arange(batch), torch.arange(channels), torch.arange(height * width), indexing="ij")
+    addresses = x.data_ptr() + (b * stride_b + c * stride_c + p * stride_hw) * x.element_size()
+    if layout == PIXELS_CONTIGUOUS:
+        assert stride_hw == 1
+        starts, length = addresses[:, :, ::vec], height * width
+    elif layout == CHANNELS_CONTIGUOUS:
+        assert stride_c == 1
+        starts, length = addresses[:, ::vec, :], channels
+    if vec > 1:
+        assert length % vec == 0
+        assert bool((starts % 16 == 0).all())
