@@ -27,7 +27,7 @@ MAX_JOBS=${MAX_JOBS:-16} $python -m pip install -q --no-deps --no-build-isolatio
 step "built for ${arch:-no GPU}"
 
 if want profile && [ -n "$arch" ]; then
-    timeout 120 $python -m benchmarks.profile_exit_head > "$out/exit-head-profile.txt" 2>&1
+    timeout 180 $python -m benchmarks.profile_exit_head > "$out/exit-head-profile.txt" 2>&1
     cat "$out/exit-head-profile.txt"
     step "exit head profile"
 fi
