@@ -1,12 +1,15 @@
 """eefast.bench: the ideal times and speed-ups the benchmarks report."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import eefast
 from eefast import bench
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ideal_time_scales_each_segment_by_the_share_reaching_it():
@@ -66,3 +69,30 @@ def test_run_segment_times_run_each_segment_on_the_rows_given():
     assert rows == [20, 20, 20, 10, 10, 20, 4, 4, 20]
     with pytest.raises(ValueError, match="expected 4 row counts"):
         run_segment_times(model, torch.randn(2, 3, 32, 32), [2, 2])
+
+
+def test_kernels_table_pairs_each_group_from_the_saved_results():
+    """benchmarks.kernels_table on the committed H200 file: a fused and an eager case per group,
+    the speed-up and memory ratios from their medians and peaks."""
+    from benchmarks import kernels_table
+
+    path = ROOT / "benchmarks" / "results" / "h200-kernels.json"
+    results = json.loads(path.read_text())
+    rows = {row["group"]: row for row in kernels_table.comparisons(results)}
+    assert len(rows) == len(results["benchmarks"]) // 2
+    info = {(b["group"], b["extra_info"]["impl"]): b["extra_info"] for b in results["benchmarks"]}
+    group = "ee_loss K=10 float32 both"
+    fused, eager = info[(group, "triton")], info[(group, "reference")]
+    assert rows[group]["speedup"] == pytest.approx(eager["median_ms"] / fused["median_ms"])
+    assert rows[group]["memory_ratio"] == pytest.approx(fused["peak_bytes"] / eager["peak_bytes"])
+    assert rows[group]["gradient_share"] == pytest.approx(fused["gradient_bytes"] / eager["peak_bytes"])
+    assert rows["exit_head pool float32 forward"]["gradient_share"] is None
+    assert f"| {rows[group]['speedup']:.2f}x |" in kernels_table.table(rows.values())
+
+
+def test_kernels_table_names_a_group_without_its_pair():
+    from benchmarks import kernels_table
+
+    results = {"benchmarks": [{"group": "g", "extra_info": {"impl": "triton", "median_ms": 1.0, "peak_bytes": 1}}]}
+    with pytest.raises(ValueError, match=r"expected a triton and a reference case in group 'g', got \['triton'\]"):
+        kernels_table.comparisons(results)
