@@ -256,11 +256,21 @@ def exit_head(
     bn_args = (None, None, None, None, 0.0) if bn is None else (
         bn.weight, bn.bias, None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
         float(bn.eps))
-    # eager autograd skips the custom op's dispatch layers; torch.compile traces the custom op
-    head = _triton_head.exit_head_fused if torch.compiler.is_compiling() else _triton_head.ExitHeadEager.apply
-    logits, conf, _, stats = head(x, *heads, *bn_args, batch_stats, normalizes)
-    if batch_stats and bn.training and bn.running_mean is not None and values_per_channel > 0:
-        _update_running_stats(bn, stats)  # (an empty batch leaves them, as nn.BatchNorm2d does)
+    update = batch_stats and bn.training and bn.running_mean is not None and values_per_channel > 0
+    # (an empty batch leaves the running statistics, as nn.BatchNorm2d does)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op, which cannot update them itself
+        logits, conf, _, stats = _triton_head.exit_head_fused(x, *heads, *bn_args, batch_stats, normalizes)
+        if update:
+            _update_running_stats(bn, stats)
+        return logits, conf
+    # eager autograd skips the custom op's dispatch layers, and the statistics kernels update the
+    # running statistics where they can
+    fused_update = update and _triton_head.fused_running_update(bn.running_mean, bn.running_var)
+    running_update = (bn.running_mean, bn.running_var, bn.momentum) if fused_update else None
+    logits, conf, _, stats = _triton_head.ExitHeadEager.apply(x, *heads, *bn_args, batch_stats, normalizes,
+                                                              running_update)
+    if update and not fused_update:
+        _update_running_stats(bn, stats)
     return logits, conf
 
 

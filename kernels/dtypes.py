@@ -5,7 +5,10 @@ Imports torch and triton only.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import struct
 
 import torch
 import triton.language as tl
@@ -28,3 +31,18 @@ def written_dtype(dtype: torch.dtype) -> torch.dtype:
     bfloat16 casts (a GPU rounds to nearest even): there bfloat16 outputs are written in float32
     and rounded by torch."""
     return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
+@functools.lru_cache(maxsize=64)
+def float32_pair(value: float, op: str, name: str) -> tuple[float, float]:
+    """``value`` as hi + lo, two float32s: Triton passes Python floats as float32, and float64
+    arithmetic needs more than float32's 24 bits. A finite value beyond float32's range is refused,
+    naming the op and the argument."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # older Pythons refuse to round past float32's range; newer give inf
+        hi = math.inf
+    if math.isfinite(value) and not math.isfinite(hi):
+        raise ValueError(f"{op}: expected {name} within float32's range (|{name}| <= 3.4e38) for the Triton kernels, "
+                         f"got {value}")
+    return hi, (value - hi if math.isfinite(hi) else 0.0)

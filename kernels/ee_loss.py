@@ -23,15 +23,13 @@ Imports torch and triton only.
 from __future__ import annotations
 
 import functools
-import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dtypes import compute_dtype, tl_dtype, written_dtype
+from .dtypes import compute_dtype, float32_pair, tl_dtype, written_dtype
 from .launch import FastLauncher
 
 # ---- jit helpers -------------------------------------------------------------------------------
@@ -279,20 +277,6 @@ def _check(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor) -
         )
 
 
-@functools.lru_cache(maxsize=64)
-def _split_float(value: float) -> tuple[float, float]:
-    """``value`` as hi + lo, two float32s: Triton passes Python floats as float32, and a float64
-    loss needs lam to more than float32's 24 bits."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:  # older Pythons refuse to round past float32's range; newer give inf
-        hi = math.inf
-    if math.isfinite(value) and not math.isfinite(hi):
-        raise ValueError(f"ee_loss: expected lam within float32's range (|lam| <= 3.4e38) for the Triton kernels, "
-                         f"got {value}")
-    return hi, (value - hi if math.isfinite(hi) else 0.0)
-
-
 def ee_loss_forward_launch(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor,
                            lam: float | None = None, version: str | None = None):
     """The forward kernel. With a ``version`` (and ``lam``): ``(loss [B], lse [E, B])``, the per-sample
@@ -315,7 +299,7 @@ def ee_loss_forward_launch(logits: Tensor, conf_logits: Tensor, target: Tensor, 
              reduce, ce_mode, cost_mode),
             (-(-batch // block_b),),  # cdiv (triton.cdiv takes 1.5 us of host time)
             (logits, conf_logits, target, costs, ce, cost, lse, loss, batch, classes, logits.stride(0),
-             logits.stride(1), *_split_float(cost_weight)),
+             logits.stride(1), *float32_pair(cost_weight, "ee_loss", "lam")),
             dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=tl_dtype(dtype),
                  REDUCE=reduce, CE_MODE=ce_mode, COST_MODE=cost_mode),
         )
@@ -345,7 +329,7 @@ def ee_loss_backward_launch(grad_ce, grad_cost, logits, conf_logits, target, cos
             (-(-batch // block_b),),  # cdiv (triton.cdiv takes 1.5 us of host time)
             (grad_ce, grad_cost, logits, conf_logits, target, costs, lse, grad_logits, grad_conf,
              batch, classes, logits.stride(0), logits.stride(1), *ce_strides, *cost_strides,
-             *_split_float(cost_weight)),
+             *float32_pair(cost_weight, "ee_loss", "lam")),
             dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=tl_dtype(lse.dtype),
                  CE_MODE=ce_mode, COST_MODE=cost_mode),
         )

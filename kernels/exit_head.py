@@ -13,8 +13,9 @@ per-sample rows [1 or 3, B, C]: the pooled features and, with batch norm, each c
 values the ReLU passes and the sum of their x_hat. A ``plain`` exit is the same kernel on x viewed
 as [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
 with the batch's, from a statistics kernel (a program per channel, or per channel and part of
-the batch, then a merge) whose results the op returns so that eefast.ops updates the running
-statistics as nn.BatchNorm2d does.
+the batch, then a merge; in channels_last per block of channels and part of the positions),
+whose results the op returns. The running statistics are updated as nn.BatchNorm2d does: by the
+statistics kernels themselves in eager mode, by eefast.ops after the op under torch.compile.
 
 Backward, two launches. Within a sample and channel dL/dz (z the normalised input of the ReLU)
 is dL/d pooled / HW wherever the ReLU passes, so every sum over the batch follows from dL/d
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dtypes import compute_dtype, tl_dtype, written_dtype
+from .dtypes import compute_dtype, float32_pair, tl_dtype, written_dtype
 from .launch import FastLauncher
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -99,17 +100,36 @@ def _merge_moments(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
     return mean_a + delta * weight_b, m2_a + m2_b + delta * delta * count_a * weight_b, count
 
 
+@triton.jit
+def _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, mean, unbiased_var, momentum_hi, momentum_lo,
+                    COMPUTE: tl.constexpr):
+    """nn.BatchNorm2d's update of the running statistics from the batch's, in place:
+    running += momentum * (batch - running) (the momentum as two float32s, for float64)."""
+    momentum = tl.cast(momentum_hi, COMPUTE) + tl.cast(momentum_lo, COMPUTE)
+    running_mean = tl.load(running_mean_ptr + channels, mask=c_mask, other=0.0)
+    running_var = tl.load(running_var_ptr + channels, mask=c_mask, other=0.0)
+    new_mean = running_mean.to(COMPUTE) + momentum * (mean - running_mean.to(COMPUTE))
+    new_var = running_var.to(COMPUTE) + momentum * (unbiased_var - running_var.to(COMPUTE))
+    tl.store(running_mean_ptr + channels, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(running_var_ptr + channels, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
 _STATS_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw", "rows_per_split"]
 
 
-@triton.jit(do_not_specialize=_STATS_INTS, do_not_specialize_on_alignment=["x_ptr", "stats_ptr", "partials_ptr"])
+_STATS_POINTERS = ["x_ptr", "stats_ptr", "partials_ptr", "running_mean_ptr", "running_var_ptr"]
+
+
+@triton.jit(do_not_specialize=_STATS_INTS, do_not_specialize_on_alignment=_STATS_POINTERS)
 def _batch_stats_kernel(
     x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
     stats_ptr,  # [3, C] out (not SPLIT): the batch's mean, biased variance and unbiased variance per channel
     partials_ptr,  # [3, S, C] out (SPLIT): count, mean less the shift, sum of squared deviations per split
-    B, C, HW, stride_b, stride_c, stride_hw, rows_per_split,
-    SPLIT: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HW: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    running_mean_ptr,  # [C] updated in place (UPDATE and not SPLIT)
+    running_var_ptr,  # [C] updated in place (UPDATE and not SPLIT)
+    B, C, HW, stride_b, stride_c, stride_hw, rows_per_split, momentum_hi, momentum_lo,
+    SPLIT: tl.constexpr, UPDATE: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_HW: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """Program (c, s) takes channel c of samples [s * rows_per_split, (s + 1) * rows_per_split) in
     tiles of [BLOCK_B samples, BLOCK_HW pixels]. Each lane of the tile keeps a Welford (mean, sum of
@@ -150,19 +170,82 @@ def _batch_stats_kernel(
         tl.store(partials_ptr + (splits + split) * C + c + offsets, mean + zero)
         tl.store(partials_ptr + (2 * splits + split) * C + c + offsets, m2 + zero)
     else:
+        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0) + zero
         tl.store(stats_ptr + c + offsets, shift + mean + zero)
         tl.store(stats_ptr + C + c + offsets, m2 / count + zero)
-        tl.store(stats_ptr + 2 * C + c + offsets, m2 / tl.maximum(count - 1.0, 1.0) + zero)
+        tl.store(stats_ptr + 2 * C + c + offsets, unbiased_var)
+        if UPDATE:
+            _update_running(running_mean_ptr, running_var_ptr, c + offsets, offsets == 0, shift + mean + zero,
+                            unbiased_var, momentum_hi, momentum_lo, COMPUTE)
+
+
+_STATS_CHANNELS_INTS = ["C", "HW", "N", "stride_b", "stride_hw", "positions_per_split"]
+
+
+@triton.jit(do_not_specialize=_STATS_CHANNELS_INTS, do_not_specialize_on_alignment=_STATS_POINTERS)
+def _batch_stats_channels_kernel(
+    x_ptr,  # [B, C, H*W] with channels contiguous (stride 1), batch and pixel strides (stride_b, stride_hw)
+    stats_ptr,  # [3, C] out (not SPLIT): as _batch_stats_kernel's
+    partials_ptr,  # [3, S, C] out (SPLIT): as _batch_stats_kernel's
+    running_mean_ptr,  # [C] updated in place (UPDATE and not SPLIT)
+    running_var_ptr,  # [C] updated in place (UPDATE and not SPLIT)
+    C, HW, N, stride_b, stride_hw, positions_per_split, momentum_hi, momentum_lo,
+    SPLIT: tl.constexpr, UPDATE: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """_batch_stats_kernel for a channels-contiguous map (channels_last): program (j, s) takes
+    channels [j * BLOCK_C, (j + 1) * BLOCK_C) of the positions (sample, pixel) numbered
+    [s * positions_per_split, ...), in tiles of [BLOCK_N positions, BLOCK_C channels] whose rows are
+    contiguous in memory. Welford per lane as there, shifted by each channel's first value."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = channels < C
+    split = tl.program_id(1)
+    shift = tl.load(x_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)  # x[0, c, 0]
+    count = tl.zeros([BLOCK_N, BLOCK_C], COMPUTE)
+    mean = tl.zeros([BLOCK_N, BLOCK_C], COMPUTE)
+    m2 = tl.zeros([BLOCK_N, BLOCK_C], COMPUTE)
+    first = split * positions_per_split
+    last = tl.minimum(first + positions_per_split, N)
+    for n0 in range(first, last, BLOCK_N):
+        positions = n0 + tl.arange(0, BLOCK_N)
+        rows = (positions // HW).to(tl.int64) * stride_b + (positions % HW) * stride_hw  # [BLOCK_N]
+        pointers = x_ptr + (rows[:, None] + channels[None, :])
+        mask = (positions < last)[:, None] & c_mask[None, :]
+        if VEC > 1:  # (the promise _tile makes, along the channels)
+            pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
+            mask = tl.max_constancy(mask, [1, VEC])
+        x = tl.load(pointers, mask=mask, other=0.0).to(COMPUTE) - shift[None, :]
+        count += mask.to(COMPUTE)
+        delta = tl.where(mask, x - mean, 0.0)
+        mean += delta / tl.maximum(count, 1.0)
+        m2 += delta * (x - mean)
+    mean, m2, count = tl.reduce((mean, m2, count), 0, _merge_moments)  # [BLOCK_C] each
+    if SPLIT:
+        splits = tl.num_programs(1)
+        tl.store(partials_ptr + split * C + channels, count, mask=c_mask)
+        tl.store(partials_ptr + (splits + split) * C + channels, mean, mask=c_mask)
+        tl.store(partials_ptr + (2 * splits + split) * C + channels, m2, mask=c_mask)
+    else:
+        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
+        tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
+        tl.store(stats_ptr + C + channels, m2 / tl.maximum(count, 1.0), mask=c_mask)  # (0 only past C)
+        tl.store(stats_ptr + 2 * C + channels, unbiased_var, mask=c_mask)
+        if UPDATE:
+            _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, shift + mean, unbiased_var,
+                            momentum_hi, momentum_lo, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["C", "S", "stride_c"],
-            do_not_specialize_on_alignment=["x_ptr", "partials_ptr", "stats_ptr"])
+            do_not_specialize_on_alignment=["x_ptr", "partials_ptr", "stats_ptr", "running_mean_ptr",
+                                            "running_var_ptr"])
 def _batch_stats_merge_kernel(
     x_ptr,  # [B, C, H*W], for each channel's first value (the shift)
     partials_ptr,  # [3, S, C] from _batch_stats_kernel
     stats_ptr,  # [3, C] out: mean, biased variance, unbiased variance
-    C, S, stride_c,
-    BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr,
+    running_mean_ptr,  # [C] updated in place (UPDATE)
+    running_var_ptr,  # [C] updated in place (UPDATE)
+    C, S, stride_c, momentum_hi, momentum_lo,
+    UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = channels < C
@@ -175,9 +258,13 @@ def _batch_stats_merge_kernel(
         split_m2 = tl.load(partials_ptr + (2 * S + split) * C + channels, mask=c_mask, other=0.0)
         mean, m2, count = _merge_moments(mean, m2, count, split_mean, split_m2, n)
     shift = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(COMPUTE)
+    unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
     tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
     tl.store(stats_ptr + C + channels, m2 / count, mask=c_mask)
-    tl.store(stats_ptr + 2 * C + channels, m2 / tl.maximum(count - 1.0, 1.0), mask=c_mask)
+    tl.store(stats_ptr + 2 * C + channels, unbiased_var, mask=c_mask)
+    if UPDATE:
+        _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, shift + mean, unbiased_var, momentum_hi,
+                        momentum_lo, COMPUTE)
 
 
 _FORWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"]
@@ -432,6 +519,7 @@ def _exit_head_reduce_kernel(
 # ---- launchers -------------------------------------------------------------------------------
 
 _launch_stats = FastLauncher(_batch_stats_kernel)
+_launch_stats_channels = FastLauncher(_batch_stats_channels_kernel)
 _launch_stats_merge = FastLauncher(_batch_stats_merge_kernel)
 _launch_forward = FastLauncher(_exit_head_forward_kernel)
 _launch_backward = FastLauncher(_exit_head_backward_kernel)
@@ -511,6 +599,21 @@ def _stats_blocks(batch: int, channels: int, pixels: int) -> tuple[int, int, int
     splits = min(-(-batch // block_b), -(-STATS_PROGRAMS // channels))
     rows_per_split = -(-batch // splits // block_b) * block_b  # whole tiles
     return block_b, block_hw, -(-batch // rows_per_split), rows_per_split
+
+
+@functools.lru_cache(maxsize=256)
+def _stats_channels_blocks(batch: int, channels: int, pixels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_C, splits, positions per split) of the channels_last statistics kernel:
+    tiles of 2048 values, split over the positions as _stats_blocks splits the batch."""
+    positions = batch * pixels
+    block_c = min(triton.next_power_of_2(channels), 64)
+    block_n = min(triton.next_power_of_2(positions), 2048 // block_c)
+    channel_programs = -(-channels // block_c)
+    if channel_programs * block_c >= STATS_PROGRAMS or positions <= STATS_SPLIT_MIN:
+        return block_n, block_c, 1, positions
+    splits = min(-(-positions // block_n), -(-STATS_PROGRAMS // channel_programs))
+    per_split = -(-positions // splits // block_n) * block_n  # whole tiles
+    return block_n, block_c, -(-positions // per_split), per_split
 
 
 @functools.lru_cache(maxsize=256)
@@ -597,46 +700,72 @@ def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, 
                     False)[:2]
 
 
-def batch_stats_launch(x: Tensor) -> Tensor:
+def batch_stats_launch(x: Tensor, running_update: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     """[3, C]: the batch's mean, biased variance (what batch norm normalises with) and unbiased
-    variance (what it keeps in running_var) per channel of x [B, C, H, W]; float32 (float64)."""
+    variance (what it keeps in running_var) per channel of x [B, C, H, W]; float32 (float64).
+    With ``running_update = (running_mean, running_var, momentum)`` the kernels also update those
+    in place as nn.BatchNorm2d does (fused_running_update says when they can)."""
     batch, channels, height, width = x.shape
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = compute_dtype(x.dtype)
     stats = torch.empty(3, channels, dtype=compute, device=x.device)
     if x.numel() == 0:
-        stats.fill_(float("nan"))  # as torch.var_mean of no values
-    else:
+        stats.fill_(float("nan"))  # as torch.var_mean of no values (and nn.BatchNorm2d leaves the running ones)
+        return stats
+    update = running_update is not None
+    running_mean, running_var, momentum = running_update if update else (stats, stats, 0.0)
+    momentum = float32_pair(float(momentum), "exit_head", "the batch norm's momentum")
+    layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
+    dtypes = (x.dtype, compute, running_mean.dtype, running_var.dtype)
+    if layout == CHANNELS_CONTIGUOUS:  # tiles of [positions, channels], channels contiguous
+        block_n, block_c, splits, per_split = _stats_channels_blocks(batch, channels, height * width)
+        split = splits > 1
+        partials = torch.empty(3, splits, channels, dtype=compute, device=x.device) if split else stats
+        _launch_stats_channels(
+            (*dtypes, split, update, vec, block_n, block_c), (-(-channels // block_c), splits),
+            (x, stats, partials, running_mean, running_var, channels, height * width, batch * height * width,
+             stride_b, stride_hw, per_split, *momentum),
+            dict(SPLIT=split, UPDATE=update, VEC=vec, BLOCK_N=block_n, BLOCK_C=block_c, COMPUTE=tl_dtype(compute)),
+        )
+    else:  # tiles of [samples, pixels] of one channel
         block_b, block_hw, splits, rows_per_split = _stats_blocks(batch, channels, height * width)
         split = splits > 1
         partials = torch.empty(3, splits, channels, dtype=compute, device=x.device) if split else stats
-        # a program's tile is [samples, pixels] of one channel: only pixels can be the contiguous axis
-        layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
-        layout, vec = (layout, vec) if layout == PIXELS_CONTIGUOUS else (STRIDED, 1)
         _launch_stats(
-            (x.dtype, compute, split, layout, vec, block_b, block_hw), (channels, splits),
-            (x, stats, partials, batch, channels, height * width, stride_b, stride_c, stride_hw, rows_per_split),
-            dict(SPLIT=split, LAYOUT=layout, VEC=vec, BLOCK_B=block_b, BLOCK_HW=block_hw, COMPUTE=tl_dtype(compute)),
+            (*dtypes, split, update, layout, vec, block_b, block_hw), (channels, splits),
+            (x, stats, partials, running_mean, running_var, batch, channels, height * width, stride_b, stride_c,
+             stride_hw, rows_per_split, *momentum),
+            dict(SPLIT=split, UPDATE=update, LAYOUT=layout, VEC=vec, BLOCK_B=block_b, BLOCK_HW=block_hw,
+                 COMPUTE=tl_dtype(compute)),
         )
-        if split:
-            block_c = min(triton.next_power_of_2(channels), 128)
-            _launch_stats_merge(
-                (x.dtype, compute, block_c), (-(-channels // block_c),),
-                (x, partials, stats, channels, splits, stride_c),
-                dict(BLOCK_C=block_c, COMPUTE=tl_dtype(compute)),
-            )
+    if split:
+        block_c = min(triton.next_power_of_2(channels), 128)
+        _launch_stats_merge(
+            (x.dtype, compute, running_mean.dtype, running_var.dtype, update, block_c), (-(-channels // block_c),),
+            (x, partials, stats, running_mean, running_var, channels, splits, stride_c, *momentum),
+            dict(UPDATE=update, BLOCK_C=block_c, COMPUTE=tl_dtype(compute)),
+        )
     return stats
 
 
+def fused_running_update(running_mean: Tensor | None, running_var: Tensor | None) -> bool:
+    """Whether the statistics kernels can update these running statistics in place: both there and
+    written as they are stored (the interpreter's bfloat16 stores are not: see written_dtype)."""
+    return (running_mean is not None and running_var is not None
+            and written_dtype(running_mean.dtype) == running_mean.dtype
+            and written_dtype(running_var.dtype) == running_var.dtype)
+
+
 def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, running_mean,
-                             running_var, eps, batch_stats, relu):
+                             running_var, eps, batch_stats, relu, running_update=None):
     """(logits [B, K], conf [B], per_sample [1 or 3, B, C] (see _forward; 3 with batch norm),
     batch statistics [3, C]). With ``batch_stats`` batch norm uses the batch's mean and biased
     variance, returned with the unbiased variance (batch_stats_launch); otherwise the running
-    statistics (if given), and the last output is [0, C]."""
+    statistics (if given), and the last output is [0, C]. ``running_update`` (batch statistics
+    only) goes to batch_stats_launch."""
     _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
     if batch_stats:
-        stats = batch_stats_launch(x)
+        stats = batch_stats_launch(x, running_update)
         mean, var = stats[0], stats[1]
     else:
         mean, var = running_mean, running_var
@@ -788,16 +917,20 @@ class ExitHeadEager(torch.autograd.Function):
     """``exit_head_fused`` for eager autograd: the same launchers, saved tensors and backward as the
     custom op, without the dispatcher's custom-op layers around each call (tens of microseconds
     of host time per step, more than the kernels run on a GPU). torch.compile and opcheck use the
-    custom op."""
+    custom op. ``apply(*op_args, running_update)``: with batch statistics and ``running_update =
+    (running_mean, running_var, momentum)``, the statistics kernels also update those (one launch
+    fewer than the update after the op, which a custom op must leave outside: it cannot mutate
+    its inputs and register autograd)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = exit_head_forward_launch(*inputs)
-        _setup_context(ctx, inputs, output)
+        *op_inputs, running_update = inputs
+        output = exit_head_forward_launch(*op_inputs, running_update)
+        _setup_context(ctx, op_inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
         if torch.is_grad_enabled():  # create_graph: the custom op, whose outputs say it has no double backward
-            return _backward(ctx, *grads)
-        return _backward(ctx, *grads, backward=exit_head_backward_launch)
+            return *_backward(ctx, *grads), None
+        return *_backward(ctx, *grads, backward=exit_head_backward_launch), None

@@ -163,7 +163,7 @@ def test_gradcheck_float64(mode, path, monkeypatch):
     if path == "heads-by-torch":
         monkeypatch.setattr(kernel_module, "HEADS_IN_KERNEL_MAX", 0)
 
-    op = exit_head_fused if path == "custom-op" else ExitHeadEager.apply
+    op = exit_head_fused if path == "custom-op" else lambda *args: ExitHeadEager.apply(*args, None)
     args = head_op_args(mode)
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
@@ -341,7 +341,8 @@ def test_inference_follows_parameter_changes(kind):
 
 def test_each_mode_takes_its_path(monkeypatch):
     """Without autograd: the inference launch alone (no custom op, no folding); with autograd
-    (eval-mode or batch statistics): the eager autograd.Function; the custom op only under
+    (eval-mode or batch statistics): the eager autograd.Function, whose statistics kernel also
+    updates the running statistics (no lerp after the op); the custom op only under
     torch.compile (test_compiles_with_fullgraph)."""
     from eefast.kernels import exit_head as kernel_module
 
@@ -357,9 +358,11 @@ def test_each_mode_takes_its_path(monkeypatch):
     block(x)[0].sum().backward()
     assert calls[1:] == ["exit_head_forward_launch"] and block.classifier.weight.grad is not None
     block.train()
+    lerps = []
+    monkeypatch.setattr(ops, "_update_running_stats", lambda *args: lerps.append(args))
     with torch.no_grad():
-        block(x)  # batch statistics: computed by the op's launcher
-    assert calls[2:] == ["exit_head_forward_launch"]
+        block(x)  # batch statistics: computed, and the running ones updated, by the op's launcher
+    assert calls[2:] == ["exit_head_forward_launch"] and not lerps
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(3, 2, 5, 7), (40, 3, 17, 17), (1, 4, 1, 1), (70, 2, 16, 16)],
@@ -368,11 +371,14 @@ def test_batch_statistics(shape, layout):
     """The statistics kernel against float64 var_mean, on data whose mean is 10^6 times its spread:
     shifted by the channel's first value and merged per tile, the variance stays accurate where a
     sum of squares (or, on the GPU, unshifted tile means) would not. 'batch-split' splits the batch
-    over 9 programs per channel (the last with 6 samples) and merges their partials."""
-    from eefast.kernels.exit_head import _stats_blocks, batch_stats_launch
+    over 9 programs per channel (the last with 6 samples), and in channels_last (a kernel of its
+    own, tiles of [positions, channels]) the 17920 positions over 18 programs, then merges the
+    partials."""
+    from eefast.kernels.exit_head import _stats_blocks, _stats_channels_blocks, batch_stats_launch
 
     if shape[0] == 70:
         assert _stats_blocks(70, 2, 256)[2:] == (9, 8)
+        assert _stats_channels_blocks(70, 2, 256)[2:] == (18, 1024)
 
     g = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, torch.float32)
@@ -383,6 +389,32 @@ def test_batch_statistics(shape, layout):
     count = x.numel() // x.shape[1]
     unbiased = var * count / max(count - 1, 1)
     torch.testing.assert_close(stats.double(), torch.stack([mean, var, unbiased]), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (70, 2, 16, 16)], ids=["whole", "batch-split"])
+def test_statistics_kernels_update_the_running_statistics(shape, dtype, layout):
+    """With running_update the statistics kernel (or, with the batch split, the merge kernel)
+    updates the running statistics in place as nn.BatchNorm2d does, the momentum to float64
+    precision (it travels as two float32s)."""
+    from eefast.kernels.exit_head import batch_stats_launch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    running_mean = torch.randn(shape[1], generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    running_var = torch.rand(shape[1], generator=g, dtype=torch.float64).to(DEVICE, dtype) + 0.5
+    momentum = 0.1 + 1e-12
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=True)
+    want_mean = running_mean.double() + momentum * (mean - running_mean.double())
+    want_var = running_var.double() + momentum * (var - running_var.double())
+    stats = batch_stats_launch(x, (running_mean, running_var, momentum))
+    torch.testing.assert_close(stats[2].double(), var, **({} if dtype == torch.float32 else dict(rtol=1e-12, atol=0)))
+    tolerance = dict(rtol=1.3e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(running_mean.double(), want_mean, **tolerance)
+    torch.testing.assert_close(running_var.double(), want_var, **tolerance)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])

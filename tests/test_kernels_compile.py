@@ -63,16 +63,26 @@ for arch in (80, 90):
         # norm: for inference, and writing the backward's per-sample sums), the backward's per-sample
         # kernel (heads in the kernel or by torch; with batch norm: running or batch statistics) and
         # reduce kernel (with batch norm: heads in the kernel or by torch)
-        for split, layout, stats_vec in ((False, 1, vec), (True, 0, 1)):  # whole or split (then merged)
+        # the batch statistics: whole (updating the running statistics) or split (then merged and updated)
+        running = {"running_mean_ptr": f"*{data}", "running_var_ptr": f"*{data}", "momentum_hi": "fp32",
+                   "momentum_lo": "fp32"}
+        for split, layout, stats_vec in ((False, 1, vec), (True, 0, 1)):
             compile_kernel(exit_head._batch_stats_kernel,
-                           {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}", "partials_ptr": f"*{compute}"},
+                           {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}", "partials_ptr": f"*{compute}", **running},
                            ["B", "C", "HW", "stride_b", "stride_c", "stride_hw", "rows_per_split"],
-                           {"SPLIT": split, "LAYOUT": layout, "VEC": stats_vec, "BLOCK_B": 32, "BLOCK_HW": 64,
+                           {"SPLIT": split, "UPDATE": not split, "LAYOUT": layout, "VEC": stats_vec, "BLOCK_B": 32,
+                            "BLOCK_HW": 64, "COMPUTE": compute_tl}, arch)
+            count += 1
+        for split, stats_vec in ((False, vec), (True, 1)):  # channels_last: whole or split
+            compile_kernel(exit_head._batch_stats_channels_kernel,
+                           {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}", "partials_ptr": f"*{compute}", **running},
+                           ["C", "HW", "N", "stride_b", "stride_hw", "positions_per_split"],
+                           {"SPLIT": split, "UPDATE": not split, "VEC": stats_vec, "BLOCK_N": 32, "BLOCK_C": 64,
                             "COMPUTE": compute_tl}, arch)
             count += 1
         compile_kernel(exit_head._batch_stats_merge_kernel,
-                       {"x_ptr": f"*{data}", "partials_ptr": f"*{compute}", "stats_ptr": f"*{compute}"},
-                       ["C", "S", "stride_c"], {"BLOCK_C": 64, "COMPUTE": compute_tl}, arch)
+                       {"x_ptr": f"*{data}", "partials_ptr": f"*{compute}", "stats_ptr": f"*{compute}", **running},
+                       ["C", "S", "stride_c"], {"UPDATE": True, "BLOCK_C": 64, "COMPUTE": compute_tl}, arch)
         count += 1
         head_pointers = {"grad_logits_ptr": f"*{data}", "grad_conf_ptr": f"*{data}", "cls_weight_ptr": f"*{data}",
                          "conf_weight_ptr": f"*{data}"}
@@ -120,9 +130,9 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 2 statistics
+    # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 2 + 2 statistics
     # and a merge, 1 + 2 forward, 2 x (1 + 2) backward, 1 + 2 reduce)
-    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 3 + 3 + 2 * 3 + 3))
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 5 + 3 + 2 * 3 + 3))
 
 
 SPILL_SCRIPT = r'''
@@ -160,14 +170,19 @@ for data, size in (("fp32", 4), ("bf16", 2)):
                     "conf_bias_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "logits_ptr", "conf_ptr",
                     "grad_logits_ptr", "grad_conf_ptr", "grad_x_ptr", "grad_weight_ptr", "grad_bias_ptr")}
         pointers.update({name: "*fp32" for name in ("per_sample_ptr", "grad_pooled_ptr", "totals_ptr", "stats_ptr",
-                                                    "partials_ptr")}, eps="fp32")
+                                                    "partials_ptr", "running_mean_ptr", "running_var_ptr")},
+                        eps="fp32", momentum_hi="fp32", momentum_lo="fp32")
         block_b, stats_hw = H._stats_blocks(256, 64, pixels)[:2]
+        block_n, stats_c = H._stats_channels_blocks(256, 64, pixels)[:2]
         reduce_c, reduce_k = H._reduce_blocks(64, 11)
         kernels = {
             "forward": (H._exit_head_forward_kernel, {**common, "BN_SUMS": True}),
             "backward": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS_IN_KERNEL": True}),
-            "stats": (H._batch_stats_kernel, {"SPLIT": False, "LAYOUT": layout, "VEC": vec, "BLOCK_B": block_b,
-                                              "BLOCK_HW": stats_hw, "COMPUTE": tl.float32}),
+            "stats": (H._batch_stats_kernel, {"SPLIT": False, "UPDATE": True, "LAYOUT": layout, "VEC": vec,
+                                              "BLOCK_B": block_b, "BLOCK_HW": stats_hw, "COMPUTE": tl.float32}),
+            "stats channels_last": (H._batch_stats_channels_kernel, {
+                "SPLIT": False, "UPDATE": True, "VEC": vec, "BLOCK_N": block_n, "BLOCK_C": stats_c,
+                "COMPUTE": tl.float32}),
             "reduce": (H._exit_head_reduce_kernel, {"BN": True, "HEADS_IN_KERNEL": True, "BLOCK_B": 64,
                                                     "BLOCK_C": reduce_c, "BLOCK_K": reduce_k, "COMPUTE": tl.float32}),
         }
@@ -178,14 +193,15 @@ for data, size in (("fp32", 4), ("bf16", 2)):
 
 def test_exit_head_kernels_do_not_spill_registers_on_sm90():
     """The sm_90 binaries at the benchmark's shape (and at a 7x7 map, which takes no 16-byte
-    vectors), with the blocks the launchers pick, keep everything in registers: no local memory.
+    vectors in NCHW), with the blocks the launchers pick, keep everything in registers: no local
+    memory. (The channels_last statistics kernel is compiled with the NCHW case's vector width.)
     The batch-norm kernels once used 255 registers and 600 bytes of stack at this shape."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", SPILL_SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 * 2 * 4, result.stdout
+    assert len(lines) == 2 * 2 * 5, result.stdout
     for line in lines:
         usage = eval(line[line.index("{"):])  # noqa: S307 (our own script's dict)
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0, line
