@@ -604,12 +604,14 @@ def _stats_blocks(batch: int, channels: int, pixels: int) -> tuple[int, int, int
 @functools.lru_cache(maxsize=256)
 def _stats_channels_blocks(batch: int, channels: int, pixels: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_C, splits, positions per split) of the channels_last statistics kernel:
-    tiles of 2048 values, split over the positions as _stats_blocks splits the batch."""
+    tiles of 2048 values; a program per block of channels, split over the positions (as
+    _stats_blocks splits the batch) under STATS_PROGRAMS programs and over STATS_SPLIT_MIN values
+    a program."""
     positions = batch * pixels
     block_c = min(triton.next_power_of_2(channels), 64)
     block_n = min(triton.next_power_of_2(positions), 2048 // block_c)
     channel_programs = -(-channels // block_c)
-    if channel_programs * block_c >= STATS_PROGRAMS or positions <= STATS_SPLIT_MIN:
+    if channel_programs >= STATS_PROGRAMS or positions * block_c <= STATS_SPLIT_MIN:
         return block_n, block_c, 1, positions
     splits = min(-(-positions // block_n), -(-STATS_PROGRAMS // channel_programs))
     per_split = -(-positions // splits // block_n) * block_n  # whole tiles
