@@ -391,6 +391,23 @@ def test_batch_statistics(shape, layout):
     torch.testing.assert_close(stats.double(), torch.stack([mean, var, unbiased]), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("batch, channels, pixels", [(256, 64, 64), (256, 512, 64), (8, 16, 16), (1024, 3, 1024),
+                                                     (70, 2, 256), (2, 1, 1)])
+def test_statistics_programs_read_at_most_the_split_threshold(batch, channels, pixels):
+    """Both statistics kernels split their work until each program reads at most STATS_SPLIT_MIN
+    values (or one tile), unless STATS_PROGRAMS programs already run; the splits cover every
+    sample or position once. (The channels_last kernel once ran one program for 64 channels.)"""
+    from eefast.kernels import exit_head as kernel
+
+    block_b, block_hw, splits, rows = kernel._stats_blocks(batch, channels, pixels)
+    assert (splits - 1) * rows < batch <= splits * rows and rows % block_b == 0 or splits == 1
+    assert channels >= kernel.STATS_PROGRAMS or rows * pixels <= max(kernel.STATS_SPLIT_MIN, block_b * pixels)
+    block_n, block_c, splits, positions = kernel._stats_channels_blocks(batch, channels, pixels)
+    programs = -(-channels // block_c) * splits
+    assert (splits - 1) * positions < batch * pixels <= splits * positions
+    assert programs >= kernel.STATS_PROGRAMS or positions * block_c <= max(kernel.STATS_SPLIT_MIN, block_n * block_c)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(3, 2, 5, 7), (70, 2, 16, 16)], ids=["whole", "batch-split"])
