@@ -833,7 +833,11 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
                  BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k, COMPUTE=tl_dtype(compute)),
         )
     grad_bn = totals if bn_weight is None or totals.dtype == bn_weight.dtype else totals.to(bn_weight.dtype)
-    return grad_x.to(x.dtype), grad_weight.to(cls_weight.dtype), grad_bias.to(cls_weight.dtype), grad_bn
+    if grad_x.dtype != x.dtype:  # (the interpreter's bfloat16: see written_dtype; a same-dtype .to costs ~1 us)
+        grad_x = grad_x.to(x.dtype)
+    if grad_weight.dtype != cls_weight.dtype:
+        grad_weight, grad_bias = grad_weight.to(cls_weight.dtype), grad_bias.to(cls_weight.dtype)
+    return grad_x, grad_weight, grad_bias, grad_bn
 
 
 # ---- the ops ---------------------------------------------------------------------------------
