@@ -174,7 +174,7 @@ for data, size in (("fp32", 4), ("bf16", 2)):
                         eps="fp32", momentum_hi="fp32", momentum_lo="fp32")
         block_b, stats_hw = H._stats_blocks(256, 64, pixels)[:2]
         block_n, stats_c = H._stats_channels_blocks(256, 64, pixels)[:2]
-        reduce_c, reduce_k = H._reduce_blocks(64, 11)
+        reduce_b, reduce_c, reduce_k = H._reduce_blocks(256, 64, 11)
         kernels = {
             "forward": (H._exit_head_forward_kernel, {**common, "BN_SUMS": True}),
             "backward": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS_IN_KERNEL": True}),
@@ -183,7 +183,7 @@ for data, size in (("fp32", 4), ("bf16", 2)):
             "stats channels_last": (H._batch_stats_channels_kernel, {
                 "SPLIT": False, "UPDATE": True, "VEC": vec, "BLOCK_N": block_n, "BLOCK_C": stats_c,
                 "COMPUTE": tl.float32}),
-            "reduce": (H._exit_head_reduce_kernel, {"BN": True, "HEADS_IN_KERNEL": True, "BLOCK_B": 64,
+            "reduce": (H._exit_head_reduce_kernel, {"BN": True, "HEADS_IN_KERNEL": True, "BLOCK_B": reduce_b,
                                                     "BLOCK_C": reduce_c, "BLOCK_K": reduce_k, "COMPUTE": tl.float32}),
         }
         for name, (fn, constexprs) in kernels.items():
