@@ -33,7 +33,7 @@ if want profile && [ -n "$arch" ]; then
 fi
 
 if want kernels; then
-    timeout 200 $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py --benchmark-only \
+    timeout 300 $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py --benchmark-only \
         --benchmark-max-time=0.2 --benchmark-json "$out/kernels.json" > "$out/kernels.log" 2>&1
     tail -1 "$out/kernels.log"
     [ -s "$out/kernels.json" ] && $python -m benchmarks.kernels_table "$out/kernels.json"

@@ -148,6 +148,38 @@ def test_exit_block_training_step(benchmark, record, dtype, kind, impl, graphed)
     timed(benchmark, run)
 
 
+# The exits of a CIFAR ResNet's stages (C, H = W): the first two split the batch statistics.
+STAGE_EXITS = {"c16-32x32": (16, 32), "c32-16x16": (32, 16)}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("shape", STAGE_EXITS.values(), ids=STAGE_EXITS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_exit_block_training_step_at_stage_exits(benchmark, record, dtype, shape, impl, layout):
+    """test_exit_block_training_step's graph replay (device time) for a bnpool exit at the other
+    stages of a CIFAR ResNet, B=256, NCHW and channels_last: the shapes where the batch
+    statistics are split and merged, and where the channels are the contiguous axis."""
+    batch, (channels, size), classes = 256, shape, 10
+    torch.manual_seed(0)
+    block = eefast.ExitBlock(channels, classes, "bnpool", impl=impl).cuda().to(dtype).train()
+    x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    step = exit_block_training_step(block, x.requires_grad_())
+    graph = capture(lambda: tuple(step()))
+
+    def run():
+        graph.replay()
+        synchronize("cuda")
+
+    benchmark.group = f"exit block training step bnpool {str(dtype).removeprefix('torch.')} C={channels} " \
+                      f"{size}x{size} {layout} graph replay"
+    record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl,
+           passes="both", graphed=True, layout=layout)
+    timed(benchmark, run)
+
+
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("classes", [10, 1000])
