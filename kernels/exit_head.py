@@ -114,6 +114,40 @@ def _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, mean, u
     tl.store(running_var_ptr + channels, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _welford_add(count, mean, m2, x, mask):
+    """Each lane's Welford (count, mean, sum of squared deviations) after its value in x; masked
+    lanes keep theirs."""
+    count += mask.to(count.dtype)
+    delta = tl.where(mask, x - mean, 0.0)
+    mean += delta / tl.maximum(count, 1.0)
+    return count, mean, m2 + delta * (x - mean)
+
+
+@triton.jit
+def _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr, channels, c_mask, C, count, mean,
+                      m2, shift, momentum_hi, momentum_lo, SPLIT: tl.constexpr, UPDATE: tl.constexpr,
+                      COMPUTE: tl.constexpr):
+    """A statistics program's result for its channels: with SPLIT its part's (count, mean less the
+    shift, sum of squared deviations) into partials [3, S, C] at split program_id(1); otherwise
+    the channels' mean, biased and unbiased variance into stats [3, C], and with UPDATE the running
+    statistics."""
+    if SPLIT:
+        split = tl.program_id(1)
+        splits = tl.num_programs(1)
+        tl.store(partials_ptr + split * C + channels, count, mask=c_mask)
+        tl.store(partials_ptr + (splits + split) * C + channels, mean, mask=c_mask)
+        tl.store(partials_ptr + (2 * splits + split) * C + channels, m2, mask=c_mask)
+    else:
+        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
+        tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
+        tl.store(stats_ptr + C + channels, m2 / tl.maximum(count, 1.0), mask=c_mask)  # (count is 0 only past C)
+        tl.store(stats_ptr + 2 * C + channels, unbiased_var, mask=c_mask)
+        if UPDATE:
+            _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, shift + mean, unbiased_var,
+                            momentum_hi, momentum_lo, COMPUTE)
+
+
 _STATS_INTS = ["B", "C", "HW", "stride_b", "stride_c", "stride_hw", "rows_per_split"]
 
 
@@ -156,27 +190,13 @@ def _batch_stats_kernel(
             pointers, mask = _tile(x_channel, rows.to(tl.int64), pixels, rows < last, HW, stride_b, stride_hw, LAYOUT,
                                    VEC)
             x = tl.load(pointers, mask=mask, other=0.0).to(COMPUTE) - shift
-            count += mask.to(COMPUTE)
-            delta = tl.where(mask, x - mean, 0.0)
-            mean += delta / tl.maximum(count, 1.0)
-            m2 += delta * (x - mean)
+            count, mean, m2 = _welford_add(count, mean, m2, x, mask)
     mean, m2, count = tl.reduce((mean, m2, count), 1, _merge_moments)
     mean, m2, count = tl.reduce((mean, m2, count), 0, _merge_moments)
-    offsets = tl.arange(0, 1)
+    one = tl.arange(0, 1)  # (the stores take [1] tensors)
     zero = tl.zeros([1], COMPUTE)
-    if SPLIT:
-        splits = tl.num_programs(1)
-        tl.store(partials_ptr + split * C + c + offsets, count + zero)
-        tl.store(partials_ptr + (splits + split) * C + c + offsets, mean + zero)
-        tl.store(partials_ptr + (2 * splits + split) * C + c + offsets, m2 + zero)
-    else:
-        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0) + zero
-        tl.store(stats_ptr + c + offsets, shift + mean + zero)
-        tl.store(stats_ptr + C + c + offsets, m2 / count + zero)
-        tl.store(stats_ptr + 2 * C + c + offsets, unbiased_var)
-        if UPDATE:
-            _update_running(running_mean_ptr, running_var_ptr, c + offsets, offsets == 0, shift + mean + zero,
-                            unbiased_var, momentum_hi, momentum_lo, COMPUTE)
+    _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr, c + one, one == 0, C, count + zero,
+                      mean + zero, m2 + zero, shift + zero, momentum_hi, momentum_lo, SPLIT, UPDATE, COMPUTE)
 
 
 _STATS_CHANNELS_INTS = ["C", "HW", "N", "stride_b", "stride_hw", "positions_per_split"]
@@ -215,24 +235,10 @@ def _batch_stats_channels_kernel(
             pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
             mask = tl.max_constancy(mask, [1, VEC])
         x = tl.load(pointers, mask=mask, other=0.0).to(COMPUTE) - shift[None, :]
-        count += mask.to(COMPUTE)
-        delta = tl.where(mask, x - mean, 0.0)
-        mean += delta / tl.maximum(count, 1.0)
-        m2 += delta * (x - mean)
+        count, mean, m2 = _welford_add(count, mean, m2, x, mask)
     mean, m2, count = tl.reduce((mean, m2, count), 0, _merge_moments)  # [BLOCK_C] each
-    if SPLIT:
-        splits = tl.num_programs(1)
-        tl.store(partials_ptr + split * C + channels, count, mask=c_mask)
-        tl.store(partials_ptr + (splits + split) * C + channels, mean, mask=c_mask)
-        tl.store(partials_ptr + (2 * splits + split) * C + channels, m2, mask=c_mask)
-    else:
-        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
-        tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
-        tl.store(stats_ptr + C + channels, m2 / tl.maximum(count, 1.0), mask=c_mask)  # (0 only past C)
-        tl.store(stats_ptr + 2 * C + channels, unbiased_var, mask=c_mask)
-        if UPDATE:
-            _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, shift + mean, unbiased_var,
-                            momentum_hi, momentum_lo, COMPUTE)
+    _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr, channels, c_mask, C, count, mean,
+                      m2, shift, momentum_hi, momentum_lo, SPLIT, UPDATE, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["C", "S", "stride_c"],
@@ -258,13 +264,8 @@ def _batch_stats_merge_kernel(
         split_m2 = tl.load(partials_ptr + (2 * S + split) * C + channels, mask=c_mask, other=0.0)
         mean, m2, count = _merge_moments(mean, m2, count, split_mean, split_m2, n)
     shift = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(COMPUTE)
-    unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
-    tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
-    tl.store(stats_ptr + C + channels, m2 / count, mask=c_mask)
-    tl.store(stats_ptr + 2 * C + channels, unbiased_var, mask=c_mask)
-    if UPDATE:
-        _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, shift + mean, unbiased_var, momentum_hi,
-                        momentum_lo, COMPUTE)
+    _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr, channels, c_mask, C, count, mean,
+                      m2, shift, momentum_hi, momentum_lo, False, UPDATE, COMPUTE)
 
 
 _FORWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"]
