@@ -8,6 +8,7 @@ functions).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
 
 
 SPILL_SCRIPT = r'''
-import subprocess, tempfile
+import json, re, subprocess, tempfile
 from pathlib import Path
 import triton, triton.language as tl
 from triton.compiler import ASTSource
@@ -156,7 +157,9 @@ def resources(fn, pointers, constexprs):
                              check=True).stdout
     fields = dict(f.split(":") for f in next(line for line in out.splitlines() if "REG:" in line).split()
                   if ":" in f and f.split(":")[0] in ("REG", "STACK", "LOCAL"))
-    return {k: int(v) for k, v in fields.items()}
+    usage = {k: int(v) for k, v in fields.items()}
+    usage["V4_LOADS"] = len(re.findall(r"ld\.global[^ ]*\.v4", compiled.asm["ptx"]))  # 16-byte loads
+    return usage
 
 # The benchmark's exit head (B=256, C=64, 8x8, K=10) and the 7x7 map that cannot take 16-byte vectors,
 # NCHW, with the blocks and layout the launchers pick; batch norm with batch statistics.
@@ -187,14 +190,17 @@ for data, size in (("fp32", 4), ("bf16", 2)):
                                                     "BLOCK_C": reduce_c, "BLOCK_K": reduce_k, "COMPUTE": tl.float32}),
         }
         for name, (fn, constexprs) in kernels.items():
-            print(data, pixels, name, vec, resources(fn, pointers, constexprs))
+            print(json.dumps({"dtype": data, "pixels": pixels, "kernel": name, "vec": vec,
+                              **resources(fn, pointers, constexprs)}))
 '''
 
 
 def test_exit_head_kernels_do_not_spill_registers_on_sm90():
     """The sm_90 binaries at the benchmark's shape (and at a 7x7 map, which takes no 16-byte
     vectors in NCHW), with the blocks the launchers pick, keep everything in registers: no local
-    memory. (The channels_last statistics kernel is compiled with the NCHW case's vector width.)
+    memory; and where the launchers promise 16-byte groups the kernels that read x do read them
+    16 bytes at a time. (The channels_last statistics kernel is compiled with the NCHW case's
+    vector width.)
     The batch-norm kernels once used 255 registers and 600 bytes of stack at this shape."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", SPILL_SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
@@ -203,5 +209,7 @@ def test_exit_head_kernels_do_not_spill_registers_on_sm90():
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 * 2 * 5, result.stdout
     for line in lines:
-        usage = eval(line[line.index("{"):])  # noqa: S307 (our own script's dict)
+        usage = json.loads(line)
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0, line
+        if usage["vec"] > 1 and usage["kernel"] != "reduce":  # (the reduce kernel reads no x)
+            assert usage["V4_LOADS"] > 0, line
