@@ -228,12 +228,10 @@ def _batch_stats_channels_kernel(
     last = tl.minimum(first + positions_per_split, N)
     for n0 in range(first, last, BLOCK_N):
         positions = n0 + tl.arange(0, BLOCK_N)
-        rows = (positions // HW).to(tl.int64) * stride_b + (positions % HW) * stride_hw  # [BLOCK_N]
-        pointers = x_ptr + (rows[:, None] + channels[None, :])
-        mask = (positions < last)[:, None] & c_mask[None, :]
-        if VEC > 1:  # (the promise _tile makes, along the channels)
-            pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
-            mask = tl.max_constancy(mask, [1, VEC])
+        rows = (positions // HW).to(tl.int64) * stride_b + (positions % HW) * stride_hw  # [BLOCK_N] offsets
+        # (a [rows, channels] tile with the channels as _tile's contiguous axis, LAYOUT 1: row stride 1 on
+        # these offsets)
+        pointers, mask = _tile(x_ptr, rows, channels, positions < last, C, 1, 1, 1, VEC)
         x = tl.load(pointers, mask=mask, other=0.0).to(COMPUTE) - shift[None, :]
         count, mean, m2 = _welford_add(count, mean, m2, x, mask)
     mean, m2, count = tl.reduce((mean, m2, count), 0, _merge_moments)  # [BLOCK_C] each
