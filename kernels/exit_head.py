@@ -13,8 +13,9 @@ per-sample rows [1 or 3, B, C]: the pooled features and, with batch norm, each c
 values the ReLU passes and the sum of their x_hat. A ``plain`` exit is the same kernel on x viewed
 as [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
 with the batch's, from a statistics kernel (a program per channel, or per channel and part of
-the batch, then a merge; in channels_last per block of channels and part of the positions),
-whose results the op returns. The running statistics are updated as nn.BatchNorm2d does: by the
+the batch; in channels_last per block of channels and part of the positions), whose results the
+op returns. Split statistics are merged by the forward kernel itself where the parts are few
+against the map each of its programs reads, and by a merge kernel otherwise. The running statistics are updated as nn.BatchNorm2d does: by the
 statistics kernels themselves in eager mode, by eefast.ops after the op under torch.compile.
 
 Backward, two launches. Within a sample and channel dL/dz (z the normalised input of the ReLU)
@@ -51,14 +52,20 @@ from .launch import FastLauncher
 
 
 @triton.jit
-def _batch_norm_fold(weight_ptr, bias_ptr, mean_ptr, var_ptr, channels, c_mask, eps, COMPUTE: tl.constexpr):
-    """Batch norm per channel as z = x * scale + shift: (scale, shift, mean, rstd), each [BLOCK_C]."""
+def _load_statistics(mean_ptr, var_ptr, channels, c_mask, COMPUTE: tl.constexpr):
+    """The batch norm's (mean, variance) of the channels, [BLOCK_C] each, as stored."""
     mean = tl.load(mean_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
     var = tl.load(var_ptr + channels, mask=c_mask, other=1.0).to(COMPUTE)
+    return mean, var
+
+
+@triton.jit
+def _batch_norm_fold(weight_ptr, bias_ptr, channels, c_mask, mean, var, eps, COMPUTE: tl.constexpr):
+    """Batch norm per channel as z = x * scale + shift: (scale, shift, rstd), each [BLOCK_C]."""
     rstd = 1.0 / tl.sqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE) * rstd
     shift = tl.load(bias_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE) - mean * scale
-    return scale, shift, mean, rstd
+    return scale, shift, rstd
 
 
 # How one sample's [C, H*W] feature map lies in memory (the LAYOUT of the kernels that read x)
@@ -125,6 +132,33 @@ def _welford_add(count, mean, m2, x, mask):
 
 
 @triton.jit
+def _statistics_of(count, mean, m2, shift):
+    """(mean, biased variance, unbiased variance) from a Welford (count, mean less the shift, sum of
+    squared deviations); count is 0 only for channels past C."""
+    return shift + mean, m2 / tl.maximum(count, 1.0), m2 / tl.maximum(count - 1.0, 1.0)
+
+
+@triton.jit
+def _merge_partials(partials_ptr, channels, c_mask, C, S, BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr):
+    """(mean less the shift, sum of squared deviations, count) of the channels, [BLOCK_C] each, from
+    the S splits' partials [3, S, C]: a tile of [BLOCK_S splits, channels] at a time, merged as a
+    tree (tl.reduce), so that S splits take S / BLOCK_S dependent steps, not S."""
+    mean = tl.zeros(channels.shape, COMPUTE)
+    m2 = tl.zeros(channels.shape, COMPUTE)
+    count = tl.zeros(channels.shape, COMPUTE)
+    for s0 in range(0, S, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        mask = (splits < S)[:, None] & c_mask[None, :]
+        offsets = splits[:, None] * C + channels[None, :]
+        part_count = tl.load(partials_ptr + offsets, mask=mask, other=0.0)  # (empty groups merge as nothing)
+        part_mean = tl.load(partials_ptr + S * C + offsets, mask=mask, other=0.0)
+        part_m2 = tl.load(partials_ptr + 2 * S * C + offsets, mask=mask, other=0.0)
+        part_mean, part_m2, part_count = tl.reduce((part_mean, part_m2, part_count), 0, _merge_moments)
+        mean, m2, count = _merge_moments(mean, m2, count, part_mean, part_m2, part_count)
+    return mean, m2, count
+
+
+@triton.jit
 def _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr, channels, c_mask, C, count, mean,
                       m2, shift, momentum_hi, momentum_lo, SPLIT: tl.constexpr, UPDATE: tl.constexpr,
                       COMPUTE: tl.constexpr):
@@ -139,12 +173,12 @@ def _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr
         tl.store(partials_ptr + (splits + split) * C + channels, mean, mask=c_mask)
         tl.store(partials_ptr + (2 * splits + split) * C + channels, m2, mask=c_mask)
     else:
-        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
-        tl.store(stats_ptr + channels, shift + mean, mask=c_mask)
-        tl.store(stats_ptr + C + channels, m2 / tl.maximum(count, 1.0), mask=c_mask)  # (count is 0 only past C)
+        batch_mean, batch_var, unbiased_var = _statistics_of(count, mean, m2, shift)
+        tl.store(stats_ptr + channels, batch_mean, mask=c_mask)
+        tl.store(stats_ptr + C + channels, batch_var, mask=c_mask)
         tl.store(stats_ptr + 2 * C + channels, unbiased_var, mask=c_mask)
         if UPDATE:
-            _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, shift + mean, unbiased_var,
+            _update_running(running_mean_ptr, running_var_ptr, channels, c_mask, batch_mean, unbiased_var,
                             momentum_hi, momentum_lo, COMPUTE)
 
 
@@ -244,31 +278,27 @@ def _batch_stats_channels_kernel(
                                             "running_var_ptr"])
 def _batch_stats_merge_kernel(
     x_ptr,  # [B, C, H*W], for each channel's first value (the shift)
-    partials_ptr,  # [3, S, C] from _batch_stats_kernel
+    partials_ptr,  # [3, S, C] from the statistics kernels
     stats_ptr,  # [3, C] out: mean, biased variance, unbiased variance
     running_mean_ptr,  # [C] updated in place (UPDATE)
     running_var_ptr,  # [C] updated in place (UPDATE)
     C, S, stride_c, momentum_hi, momentum_lo,
-    UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr,
+    UPDATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr,
 ):
+    """One program per block of channels merges their partials (where the forward kernel would
+    read too many of them to merge them itself: _merge_in_forward)."""
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = channels < C
-    count = tl.zeros([BLOCK_C], COMPUTE)
-    mean = tl.zeros([BLOCK_C], COMPUTE)
-    m2 = tl.zeros([BLOCK_C], COMPUTE)
-    for split in range(0, S):
-        n = tl.load(partials_ptr + split * C + channels, mask=c_mask, other=1.0)
-        split_mean = tl.load(partials_ptr + (S + split) * C + channels, mask=c_mask, other=0.0)
-        split_m2 = tl.load(partials_ptr + (2 * S + split) * C + channels, mask=c_mask, other=0.0)
-        mean, m2, count = _merge_moments(mean, m2, count, split_mean, split_m2, n)
+    mean, m2, count = _merge_partials(partials_ptr, channels, c_mask, C, S, BLOCK_S, COMPUTE)
     shift = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(COMPUTE)
     _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr, channels, c_mask, C, count, mean,
                       m2, shift, momentum_hi, momentum_lo, False, UPDATE, COMPUTE)
 
 
-_FORWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"]
+_FORWARD_INTS = ["C", "HW", "K", "S", "stride_b", "stride_c", "stride_hw"]
 _FORWARD_POINTERS = ["x_ptr", "cls_weight_ptr", "cls_bias_ptr", "conf_weight_ptr", "conf_bias_ptr", "bn_weight_ptr",
-                     "bn_bias_ptr", "mean_ptr", "var_ptr", "logits_ptr", "conf_ptr", "per_sample_ptr"]
+                     "bn_bias_ptr", "mean_ptr", "var_ptr", "partials_ptr", "stats_ptr", "running_mean_ptr",
+                     "running_var_ptr", "logits_ptr", "conf_ptr", "per_sample_ptr"]
 
 
 # No value-based specialisation: the binaries are launched again by key (kernels/launch.py).
@@ -281,18 +311,27 @@ def _exit_head_forward_kernel(
     conf_bias_ptr,  # [1]
     bn_weight_ptr,  # [C] (BN)
     bn_bias_ptr,  # [C] (BN)
-    mean_ptr,  # [C] (BN) the running or the batch mean
-    var_ptr,  # [C] (BN) the running or the batch (biased) variance
+    mean_ptr,  # [C] (BN, not MERGE) the running or the batch mean
+    var_ptr,  # [C] (BN, not MERGE) the running or the batch (biased) variance
+    partials_ptr,  # [3, S, C] (MERGE) the statistics kernel's partials of the batch statistics
+    stats_ptr,  # [3, C] out (MERGE, program 0): the batch's mean, biased and unbiased variance
+    running_mean_ptr,  # [C] updated in place (MERGE and UPDATE, program 0)
+    running_var_ptr,  # [C] updated in place (MERGE and UPDATE, program 0)
     logits_ptr,  # [B, K] out
     conf_ptr,  # [B] out
     per_sample_ptr,  # [1 or 3, B, C] out, contiguous, float32/64: pooled; (BN_SUMS) passed count, x_hat sum
-    C, HW, K, stride_b, stride_c, stride_hw, eps,
-    BN: tl.constexpr, RELU: tl.constexpr, BN_SUMS: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+    C, HW, K, S, stride_b, stride_c, stride_hw, eps, momentum_hi, momentum_lo,
+    BN: tl.constexpr, RELU: tl.constexpr, BN_SUMS: tl.constexpr, MERGE: tl.constexpr, UPDATE: tl.constexpr,
+    LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """One program per sample. With BN_SUMS it also writes, per channel, what the batch norm's
-    gradients need of x: how many values the ReLU passes and the sum of their x_hat."""
+    gradients need of x: how many values the ReLU passes and the sum of their x_hat. With MERGE
+    each program merges the batch statistics from the split statistics kernel's partials itself
+    (a launch fewer than the merge kernel), and program 0 writes them (and with UPDATE updates the
+    running statistics) as the merge kernel would."""
     tl.static_assert(BN or not BN_SUMS, "the per-sample sums are batch norm's")
+    tl.static_assert(BN or not MERGE, "the statistics are batch norm's")
     b = tl.program_id(0)
     x_row = x_ptr + b.to(tl.int64) * stride_b
     pooled_ptr = per_sample_ptr
@@ -301,8 +340,16 @@ def _exit_head_forward_kernel(
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
         if BN:
-            scale, shift, mean, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels,
-                                                        c_mask, eps, COMPUTE)
+            if MERGE:
+                merged_mean, m2, count = _merge_partials(partials_ptr, channels, c_mask, C, S, BLOCK_S, COMPUTE)
+                first = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(COMPUTE)
+                mean, var, _ = _statistics_of(count, merged_mean, m2, first)
+                _store_statistics(stats_ptr, partials_ptr, running_mean_ptr, running_var_ptr, channels,
+                                  c_mask & (b == 0), C, count, merged_mean, m2, first, momentum_hi, momentum_lo, False,
+                                  UPDATE, COMPUTE)
+            else:
+                mean, var = _load_statistics(mean_ptr, var_ptr, channels, c_mask, COMPUTE)
+            scale, shift, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, channels, c_mask, mean, var, eps, COMPUTE)
         total = tl.zeros([BLOCK_C], COMPUTE)
         passed_count = tl.zeros([BLOCK_C], COMPUTE)
         passed_x_hat = tl.zeros([BLOCK_C], COMPUTE)
@@ -420,8 +467,8 @@ def _exit_head_backward_kernel(
         else:
             grad_pool = tl.load(grad_pooled_ptr + b * C + channels, mask=c_mask, other=0.0).to(COMPUTE) / HW
         if BN:
-            scale, shift, mean, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, channels,
-                                                        c_mask, eps, COMPUTE)
+            mean, var = _load_statistics(mean_ptr, var_ptr, channels, c_mask, COMPUTE)
+            scale, shift, rstd = _batch_norm_fold(bn_weight_ptr, bn_bias_ptr, channels, c_mask, mean, var, eps, COMPUTE)
             if BATCH_STATS:  # z = x_hat * w + b with x_hat from the batch's mean and variance
                 total_g = tl.load(totals_ptr + channels, mask=c_mask, other=0.0).to(COMPUTE)
                 total_g_xhat = tl.load(totals_ptr + C + channels, mask=c_mask, other=0.0).to(COMPUTE)
@@ -582,9 +629,11 @@ def _blocks(channels: int, pixels: int, heads: int, layout: int, vec: int) -> tu
 
 
 # The statistics kernel splits the batch when a program per channel would leave the GPU mostly
-# idle with much to read each: under STATS_PROGRAMS channels and over STATS_SPLIT_MIN values per channel.
+# idle with much to read each: under STATS_PROGRAMS channels and over STATS_SPLIT_MIN values per
+# channel (two tiles: at B=256, C=64, 8x8, 256 programs of 2 dependent tile loads each, not 64 of 8;
+# the forward kernel merges those 4 partials itself, so the split costs no launch).
 STATS_PROGRAMS = 256
-STATS_SPLIT_MIN = 16384
+STATS_SPLIT_MIN = 4096
 
 
 @functools.lru_cache(maxsize=256)
@@ -615,6 +664,34 @@ def _stats_channels_blocks(batch: int, channels: int, pixels: int) -> tuple[int,
     splits = min(-(-positions // block_n), -(-STATS_PROGRAMS // channel_programs))
     per_split = -(-positions // splits // block_n) * block_n  # whole tiles
     return block_n, block_c, -(-positions // per_split), per_split
+
+
+# Values in a [splits, channels] tile of partials that one merge step reads.
+MERGE_TILE = 2048
+# The forward kernel merges the split statistics itself where the partials each of its programs
+# reads (3 per split and channel) are at most 1 / MERGE_IN_FORWARD_SHARE of the values of x it
+# reads (H*W per channel); past that the merge kernel, a launch more, reads them once.
+MERGE_IN_FORWARD_SHARE = 4
+
+
+def _merge_in_forward(splits: int, pixels: int) -> bool:
+    """Whether the forward kernel merges the statistics of ``splits`` splits itself (see MERGE_IN_FORWARD_SHARE)."""
+    return 3 * splits * MERGE_IN_FORWARD_SHARE <= pixels
+
+
+@functools.lru_cache(maxsize=256)
+def _merge_block_s(splits: int, block_c: int) -> int:
+    """BLOCK_S: splits per merge step for channel blocks of block_c (tiles of up to MERGE_TILE)."""
+    return max(1, min(triton.next_power_of_2(splits), MERGE_TILE // block_c))
+
+
+@functools.lru_cache(maxsize=256)
+def _merge_blocks(splits: int, channels: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_C) of the merge kernel: narrow channel blocks (more programs), each merging
+    its splits in as few tree steps as MERGE_TILE allows (256 splits of 64 channels: 4 programs of
+    2 steps; the kernel once took one split per step, 256 dependent steps)."""
+    block_c = min(triton.next_power_of_2(channels), 16)
+    return _merge_block_s(splits, block_c), block_c
 
 
 # Values in the reduce kernel's [BLOCK_B, BLOCK_K, BLOCK_C] products (4096: 158 registers on sm_90
@@ -651,23 +728,29 @@ def _check(x: Tensor, cls_weight: Tensor, cls_bias: Tensor, conf_weight: Tensor,
             raise ValueError(f"exit_head_fused: expected batch-norm tensors of shape [{channels}], got {list(tensor.shape)}")
 
 
-def _batch_norm_tensors(x, bn_weight, bn_bias, mean, var):
-    """The four [C] tensors the kernels read (ones and zeros for a batch norm without affine
-    parameters), or x four times (unread) without batch norm."""
-    if mean is None:
+def _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var):
+    """The four [C] tensors the kernels read with batch norm: the affine parameters (ones and
+    zeros for a batch norm without them) and the statistics (x, unread, where the forward merges
+    them itself: mean None); x four times (unread) without batch norm."""
+    if not bn:
         return x, x, x, x
+    dtype = compute_dtype(x.dtype) if mean is None else mean.dtype
     if bn_weight is None:
-        bn_weight = torch.ones_like(mean)
+        bn_weight = torch.ones(x.shape[1], dtype=dtype, device=x.device)
     if bn_bias is None:
-        bn_bias = torch.zeros_like(mean)
-    return bn_weight, bn_bias, mean, var
+        bn_bias = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
+    return (bn_weight, bn_bias, x, x) if mean is None else (bn_weight, bn_bias, mean, var)
 
 
-def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu, bn_sums):
+def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu, bn_sums,
+             merge=None):
     """(logits [B, K], conf [B], per_sample [1 or 3, B, C]); batch norm with (mean, var) unless mean
     is None. per_sample[0] is the pooled features; with ``bn_sums`` (batch norm only) per_sample[1]
     and [2] are, per sample and channel, the count of values the ReLU passes and the sum of their
-    x_hat, which the backward's batch-norm sums are made of."""
+    x_hat, which the backward's batch-norm sums are made of. With ``merge = (partials, stats,
+    running_update, momentum)`` the kernel merges the batch statistics from the partials (mean and
+    var are then unread), writes them into stats and applies running_update, its momentum as two
+    float32s (see _launch_statistics)."""
     batch, channels, height, width = x.shape
     classes = cls_weight.shape[0]
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
@@ -679,20 +762,29 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
     if batch > 0:
         layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
         block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
-        bn = mean is not None
-        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
+        bn = mean is not None or merge is not None
+        bn_tensors = _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var)
         cls_weight, cls_bias = cls_weight.contiguous(), cls_bias.contiguous()  # (no copy when they are)
         conf_weight, conf_bias = conf_weight.contiguous(), conf_bias.contiguous()
-        bn_weight, bn_bias, mean, var = bn_tensors
-        key = (x.dtype, cls_weight.dtype, cls_bias.dtype, conf_weight.dtype, conf_bias.dtype, bn_weight.dtype,
-               bn_bias.dtype, mean.dtype, var.dtype, out_dtype, bn, relu, bn_sums, layout, vec, block_c, block_hw,
-               block_k)
+        if merge is None:
+            partials = stats = running_mean = running_var = per_sample  # unread
+            splits, block_s, update, momentum = 0, 1, False, (0.0, 0.0)
+        else:
+            partials, stats, running_update, momentum = merge
+            splits = partials.shape[1]
+            block_s = _merge_block_s(splits, block_c)
+            update = running_update is not None
+            running_mean, running_var = running_update[:2] if update else (stats, stats)
+        key = (x.dtype, cls_weight.dtype, cls_bias.dtype, conf_weight.dtype, conf_bias.dtype,
+               *(t.dtype for t in bn_tensors), running_mean.dtype, running_var.dtype, out_dtype, bn, relu, bn_sums,
+               merge is not None, update, layout, vec, block_c, block_hw, block_k, block_s)
         _launch_forward(
             key, (batch,),
-            (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, logits, conf, per_sample,
-             channels, height * width, classes, stride_b, stride_c, stride_hw, float(eps)),
-            dict(BN=bn, RELU=relu, BN_SUMS=bn_sums, LAYOUT=layout, VEC=vec, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                 BLOCK_K=block_k, COMPUTE=tl_dtype(compute)),
+            (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, partials, stats, running_mean, running_var,
+             logits, conf, per_sample, channels, height * width, classes, splits, stride_b, stride_c, stride_hw,
+             float(eps), *momentum),
+            dict(BN=bn, RELU=relu, BN_SUMS=bn_sums, MERGE=merge is not None, UPDATE=update, LAYOUT=layout, VEC=vec,
+                 BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k, BLOCK_S=block_s, COMPUTE=tl_dtype(compute)),
         )
     if out_dtype != x.dtype:
         logits, conf = logits.to(x.dtype), conf.to(x.dtype)
@@ -710,18 +802,16 @@ def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, 
                     False)[:2]
 
 
-def batch_stats_launch(x: Tensor, running_update: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
-    """[3, C]: the batch's mean, biased variance (what batch norm normalises with) and unbiased
-    variance (what it keeps in running_var) per channel of x [B, C, H, W]; float32 (float64).
-    With ``running_update = (running_mean, running_var, momentum)`` the kernels also update those
-    in place as nn.BatchNorm2d does (fused_running_update says when they can)."""
+def _launch_statistics(x: Tensor, running_update: tuple[Tensor, Tensor, float] | None
+                       ) -> tuple[Tensor, Tensor | None, tuple[float, float]]:
+    """(stats [3, C], partials [3, S, C] or None, the momentum as two float32s) of x [B, C, H, W]:
+    one statistics kernel. Unsplit, it writes stats (see batch_stats_launch) and applies
+    running_update; split, it writes partials only, for the merge kernel or the forward kernel to
+    finish."""
     batch, channels, height, width = x.shape
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = compute_dtype(x.dtype)
     stats = torch.empty(3, channels, dtype=compute, device=x.device)
-    if x.numel() == 0:
-        stats.fill_(float("nan"))  # as torch.var_mean of no values (and nn.BatchNorm2d leaves the running ones)
-        return stats
     update = running_update is not None
     running_mean, running_var, momentum = running_update if update else (stats, stats, 0.0)
     momentum = float32_pair(float(momentum), "exit_head", "the batch norm's momentum")
@@ -748,13 +838,37 @@ def batch_stats_launch(x: Tensor, running_update: tuple[Tensor, Tensor, float] |
             dict(SPLIT=split, UPDATE=update, LAYOUT=layout, VEC=vec, BLOCK_B=block_b, BLOCK_HW=block_hw,
                  COMPUTE=tl_dtype(compute)),
         )
-    if split:
-        block_c = min(triton.next_power_of_2(channels), 128)
-        _launch_stats_merge(
-            (x.dtype, compute, running_mean.dtype, running_var.dtype, update, block_c), (-(-channels // block_c),),
-            (x, partials, stats, running_mean, running_var, channels, splits, stride_c, *momentum),
-            dict(UPDATE=update, BLOCK_C=block_c, COMPUTE=tl_dtype(compute)),
-        )
+    return stats, partials if split else None, momentum
+
+
+def _launch_merge(x: Tensor, partials: Tensor, stats: Tensor, running_update: tuple[Tensor, Tensor, float] | None,
+                  momentum: tuple[float, float]) -> None:
+    """The merge kernel: stats [3, C] (and running_update) from the split statistics' partials."""
+    channels, splits = x.shape[1], partials.shape[1]
+    x, (_, stride_c, _) = _flat_strides(x)  # (the x the statistics kernel read)
+    update = running_update is not None
+    running_mean, running_var = running_update[:2] if update else (stats, stats)
+    block_s, block_c = _merge_blocks(splits, channels)
+    _launch_stats_merge(
+        (x.dtype, stats.dtype, running_mean.dtype, running_var.dtype, update, block_s, block_c),
+        (-(-channels // block_c),),
+        (x, partials, stats, running_mean, running_var, channels, splits, stride_c, *momentum),
+        dict(UPDATE=update, BLOCK_S=block_s, BLOCK_C=block_c, COMPUTE=tl_dtype(stats.dtype)),
+    )
+
+
+def batch_stats_launch(x: Tensor, running_update: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+    """[3, C]: the batch's mean, biased variance (what batch norm normalises with) and unbiased
+    variance (what it keeps in running_var) per channel of x [B, C, H, W]; float32 (float64).
+    With ``running_update = (running_mean, running_var, momentum)`` the kernels also update those
+    in place as nn.BatchNorm2d does (fused_running_update says when they can). The statistics
+    kernel, then the merge kernel if the work was split. (The training forward leaves the merge to
+    the forward kernel where that is cheap: exit_head_forward_launch.)"""
+    if x.numel() == 0:  # as torch.var_mean of no values (and nn.BatchNorm2d leaves the running ones)
+        return torch.full((3, x.shape[1]), float("nan"), dtype=compute_dtype(x.dtype), device=x.device)
+    stats, partials, momentum = _launch_statistics(x, running_update)
+    if partials is not None:
+        _launch_merge(x, partials, stats, running_update, momentum)
     return stats
 
 
@@ -770,18 +884,30 @@ def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn
                              running_var, eps, batch_stats, relu, running_update=None):
     """(logits [B, K], conf [B], per_sample [1 or 3, B, C] (see _forward; 3 with batch norm),
     batch statistics [3, C]). With ``batch_stats`` batch norm uses the batch's mean and biased
-    variance, returned with the unbiased variance (batch_stats_launch); otherwise the running
+    variance, returned with the unbiased variance (as batch_stats_launch's); otherwise the running
     statistics (if given), and the last output is [0, C]. ``running_update`` (batch statistics
-    only) goes to batch_stats_launch."""
+    only): see batch_stats_launch. Where the statistics kernel splits its work and the partials
+    are few against each sample's map (_merge_in_forward), the forward kernel merges them itself:
+    two launches, not three."""
     _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
-    if batch_stats:
-        stats = batch_stats_launch(x, running_update)
-        mean, var = stats[0], stats[1]
-    else:
+    merge = None
+    if not batch_stats:
         mean, var = running_mean, running_var
         stats = x.new_empty(0, x.shape[1], dtype=compute_dtype(x.dtype))
+    elif x.numel() == 0:
+        stats = batch_stats_launch(x)
+        mean, var = stats[0], stats[1]
+    else:
+        stats, partials, momentum = _launch_statistics(x, running_update)
+        if partials is not None and _merge_in_forward(partials.shape[1], x.shape[2] * x.shape[3]):
+            mean = var = None  # the forward kernel merges them (into stats)
+            merge = (partials, stats, running_update, momentum)
+        else:
+            if partials is not None:
+                _launch_merge(x, partials, stats, running_update, momentum)
+            mean, var = stats[0], stats[1]
     return (*_forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu,
-                      mean is not None), stats)
+                      batch_stats or mean is not None, merge), stats)
 
 
 def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var,
@@ -829,7 +955,7 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
             )
         layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
         block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
-        bn_tensors = _batch_norm_tensors(x, bn_weight, bn_bias, mean, var)
+        bn_tensors = _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var)
         _launch_backward(
             (compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, x.dtype,
              *(t.dtype for t in bn_tensors), grad_x.dtype, bn, relu, batch_stats, heads_in_kernel, layout, vec, block_c,

@@ -391,21 +391,57 @@ def test_batch_statistics(shape, layout):
     torch.testing.assert_close(stats.double(), torch.stack([mean, var, unbiased]), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("merged_by", ["forward", "merge-kernel"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_split_batch_statistics_merged_by_the_forward_or_the_merge_kernel(layout, merged_by, monkeypatch):
+    """A bnpool training step where the statistics kernel splits its work (B=70, C=2, 16x16: 9
+    splits in NCHW, 18 in channels_last). The forward kernel merges the partials itself, with no
+    merge launch, where they are few against each sample's map; otherwise the merge kernel does
+    (forced here by MERGE_IN_FORWARD_SHARE). Either way outputs, gradients (the backward reads the
+    statistics the forward's program 0 wrote), the returned statistics and the running statistics
+    match the reference."""
+    from eefast.kernels import exit_head as kernel
+
+    if merged_by == "merge-kernel":
+        monkeypatch.setattr(kernel, "MERGE_IN_FORWARD_SHARE", 10**6)
+    merges = []
+    launch_merge = kernel._launch_stats_merge
+    monkeypatch.setattr(kernel, "_launch_stats_merge", lambda *args: (merges.append(args), launch_merge(*args)))
+    shape = (70, 2, 16, 16, 3)
+    params, bn = make(shape, "bnpool", torch.float64, layout=layout, training=True)
+    bn_reference = clone_bn(bn)
+    outputs, grads = run("triton", params, bn, "bnpool")
+    ref_outputs, ref_grads = run("reference", params, bn_reference, "bnpool")
+    assert len(merges) == (merged_by == "merge-kernel")
+    for got, want in zip(outputs + grads, ref_outputs + ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bn.running_mean, bn_reference.running_mean, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(bn.running_var, bn_reference.running_var, rtol=1e-13, atol=1e-15)
+    stats = kernel.exit_head_forward_launch(params["x"].detach(), params["cls_weight"].detach(),
+                                            params["cls_bias"].detach(), params["conf_weight"].detach(),
+                                            params["conf_bias"].detach(), None, None, None, None, 1e-5, True, True)[3]
+    var, mean = torch.var_mean(params["x"].detach(), dim=(0, 2, 3), unbiased=False)
+    count = 70 * 16 * 16
+    torch.testing.assert_close(stats, torch.stack([mean, var, var * count / (count - 1)]), rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("batch, channels, pixels", [(256, 64, 64), (256, 512, 64), (8, 16, 16), (1024, 3, 1024),
                                                      (70, 2, 256), (2, 1, 1)])
 def test_statistics_programs_read_at_most_the_split_threshold(batch, channels, pixels):
     """Both statistics kernels split their work until each program reads at most STATS_SPLIT_MIN
-    values (or one tile), unless STATS_PROGRAMS programs already run; the splits cover every
-    sample or position once. (The channels_last kernel once ran one program for 64 channels.)"""
+    values (or one tile), unless about STATS_PROGRAMS programs already run (at least half: a split
+    takes whole tiles, which can round the count down); the splits cover every sample or position
+    once. (The channels_last kernel once ran one program for 64 channels.)"""
     from eefast.kernels import exit_head as kernel
 
+    enough = kernel.STATS_PROGRAMS // 2
     block_b, block_hw, splits, rows = kernel._stats_blocks(batch, channels, pixels)
     assert (splits - 1) * rows < batch <= splits * rows and rows % block_b == 0 or splits == 1
-    assert channels >= kernel.STATS_PROGRAMS or rows * pixels <= max(kernel.STATS_SPLIT_MIN, block_b * pixels)
+    assert channels * splits >= enough or rows * pixels <= max(kernel.STATS_SPLIT_MIN, block_b * pixels)
     block_n, block_c, splits, positions = kernel._stats_channels_blocks(batch, channels, pixels)
     programs = -(-channels // block_c) * splits
     assert (splits - 1) * positions < batch * pixels <= splits * positions
-    assert programs >= kernel.STATS_PROGRAMS or positions * block_c <= max(kernel.STATS_SPLIT_MIN, block_n * block_c)
+    assert programs >= enough or positions * block_c <= max(kernel.STATS_SPLIT_MIN, block_n * block_c)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

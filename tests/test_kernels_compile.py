@@ -83,7 +83,8 @@ for arch in (80, 90):
             count += 1
         compile_kernel(exit_head._batch_stats_merge_kernel,
                        {"x_ptr": f"*{data}", "partials_ptr": f"*{compute}", "stats_ptr": f"*{compute}", **running},
-                       ["C", "S", "stride_c"], {"UPDATE": True, "BLOCK_C": 64, "COMPUTE": compute_tl}, arch)
+                       ["C", "S", "stride_c"], {"UPDATE": True, "BLOCK_S": 128, "BLOCK_C": 16, "COMPUTE": compute_tl},
+                       arch)
         count += 1
         head_pointers = {"grad_logits_ptr": f"*{data}", "grad_conf_ptr": f"*{data}", "cls_weight_ptr": f"*{data}",
                          "conf_weight_ptr": f"*{data}"}
@@ -93,14 +94,17 @@ for arch in (80, 90):
                            "var_ptr": f"*{bn_dtype}"}
             flags = {"BN": bn, "RELU": bn, "LAYOUT": layout, "VEC": layout_vec, "BLOCK_C": 32, "BLOCK_HW": 64,
                      "COMPUTE": compute_tl}
-            for bn_sums in ((False, True) if bn else (False,)):
+            # (inference; training, the batch statistics given or merged from partials by the forward)
+            for bn_sums, merge in (((False, False), (True, False), (True, True)) if bn else ((False, False),)):
                 compile_kernel(exit_head._exit_head_forward_kernel,
                                {"x_ptr": f"*{data}", "cls_weight_ptr": f"*{data}", "cls_bias_ptr": f"*{data}",
                                 "conf_weight_ptr": f"*{data}", "conf_bias_ptr": f"*{data}", **bn_pointers,
+                                "partials_ptr": f"*{compute}", "stats_ptr": f"*{compute}", **running,
                                 "logits_ptr": f"*{data}", "conf_ptr": f"*{data}", "per_sample_ptr": f"*{compute}",
                                 "eps": "fp32"},
-                               ["C", "HW", "K", "stride_b", "stride_c", "stride_hw"],
-                               {**flags, "BN_SUMS": bn_sums, "BLOCK_K": 16}, arch)
+                               ["C", "HW", "K", "S", "stride_b", "stride_c", "stride_hw"],
+                               {**flags, "BN_SUMS": bn_sums, "MERGE": merge, "UPDATE": merge, "BLOCK_K": 16,
+                                "BLOCK_S": 4}, arch)
                 count += 1
             for heads_in_kernel in (False, True):
                 for batch_stats in ((False, True) if bn else (False,)):
@@ -132,8 +136,8 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 2 + 2 statistics
-    # and a merge, 1 + 2 forward, 2 x (1 + 2) backward, 1 + 2 reduce)
-    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 5 + 3 + 2 * 3 + 3))
+    # and a merge, 1 + 3 forward, 2 x (1 + 2) backward, 1 + 2 reduce)
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 5 + 4 + 2 * 3 + 3))
 
 
 SPILL_SCRIPT = r'''
@@ -178,14 +182,22 @@ for data, size in (("fp32", 4), ("bf16", 2)):
         block_b, stats_hw = H._stats_blocks(256, 64, pixels)[:2]
         block_n, stats_c = H._stats_channels_blocks(256, 64, pixels)[:2]
         reduce_b, reduce_c, reduce_k = H._reduce_blocks(256, 64, 11)
+        splits = H._stats_blocks(256, 64, pixels)[2]
+        channels_last_splits = H._stats_channels_blocks(256, 64, pixels)[2]
+        merge_s, merge_c = H._merge_blocks(channels_last_splits, 64)
+        assert H._merge_in_forward(splits, pixels)  # (both shapes: NCHW statistics split 4 ways, merged by the forward)
         kernels = {
-            "forward": (H._exit_head_forward_kernel, {**common, "BN_SUMS": True}),
+            "forward": (H._exit_head_forward_kernel, {**common, "BN_SUMS": True, "MERGE": True, "UPDATE": True,
+                                                      "BLOCK_S": H._merge_block_s(splits, block_c)}),
             "backward": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS_IN_KERNEL": True}),
-            "stats": (H._batch_stats_kernel, {"SPLIT": False, "UPDATE": True, "LAYOUT": layout, "VEC": vec,
-                                              "BLOCK_B": block_b, "BLOCK_HW": stats_hw, "COMPUTE": tl.float32}),
+            "stats": (H._batch_stats_kernel, {"SPLIT": splits > 1, "UPDATE": splits == 1, "LAYOUT": layout,
+                                              "VEC": vec, "BLOCK_B": block_b, "BLOCK_HW": stats_hw,
+                                              "COMPUTE": tl.float32}),
             "stats channels_last": (H._batch_stats_channels_kernel, {
-                "SPLIT": False, "UPDATE": True, "VEC": vec, "BLOCK_N": block_n, "BLOCK_C": stats_c,
-                "COMPUTE": tl.float32}),
+                "SPLIT": channels_last_splits > 1, "UPDATE": channels_last_splits == 1, "VEC": vec, "BLOCK_N": block_n,
+                "BLOCK_C": stats_c, "COMPUTE": tl.float32}),
+            "merge channels_last": (H._batch_stats_merge_kernel, {"UPDATE": True, "BLOCK_S": merge_s,
+                                                                  "BLOCK_C": merge_c, "COMPUTE": tl.float32}),
             "reduce": (H._exit_head_reduce_kernel, {"BN": True, "HEADS_IN_KERNEL": True, "BLOCK_B": reduce_b,
                                                     "BLOCK_C": reduce_c, "BLOCK_K": reduce_k, "COMPUTE": tl.float32}),
         }
@@ -207,9 +219,9 @@ def test_exit_head_kernels_do_not_spill_registers_on_sm90():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 * 2 * 5, result.stdout
+    assert len(lines) == 2 * 2 * 6, result.stdout
     for line in lines:
         usage = json.loads(line)
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0, line
-        if usage["vec"] > 1 and usage["kernel"] != "reduce":  # (the reduce kernel reads no x)
+        if usage["vec"] > 1 and usage["kernel"] not in ("reduce", "merge channels_last"):  # (they read no x)
             assert usage["V4_LOADS"] > 0, line
