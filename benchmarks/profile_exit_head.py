@@ -8,8 +8,10 @@ autograd: one launch on the parameters as stored), the bare inference launcher, 
 comparison the custom op ``eefast::exit_head_fused`` that torch.compile uses. Training: one
 step of an ``ExitBlock`` in train mode (forward, then the gradients of every parameter and of the
 input from fixed gradients of its outputs), through the eager autograd.Function, and through the
-custom op as torch.compile would call it; then the device time of each kernel of the step
-(torch.profiler), fused and eager. B=256, C=64, 8x8, K=10.
+custom op as torch.compile would call it, against eager PyTorch and against autograd's own
+cost (the same step through a head that launches nothing: the floor of any implementation's
+host time per call); then the device time of each kernel of the step (torch.profiler), fused
+and eager. B=256, C=64, 8x8, K=10.
 """
 
 from __future__ import annotations
@@ -71,6 +73,31 @@ def custom_op_step(block: eefast.ExitBlock, x: torch.Tensor):
     def step():
         logits, conf, _, _ = kernel.exit_head_fused(x, *heads, *bn_args, bn is not None, bn is not None)
         return torch.autograd.grad((logits, conf), params, grad_outputs)
+    return step
+
+
+class _NoKernels(torch.autograd.Function):
+    """An exit head that launches nothing: its forward allocates the outputs and its backward the
+    gradients. A training step through it is autograd's own host time for the head's inputs and
+    outputs (on a GPU, backward runs on autograd's device thread), which no kernel can remove."""
+
+    @staticmethod
+    def forward(ctx, classes, x, *params):
+        ctx.save_for_backward(x, *params)
+        return x.new_empty(x.shape[0], classes), x.new_empty(x.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_conf):
+        return None, *(torch.empty_like(t) for t in ctx.saved_tensors)
+
+
+def autograd_floor_step(block: eefast.ExitBlock, x: torch.Tensor):
+    """exit_block_training_step's autograd work without the head (_NoKernels)."""
+    params = [x, *block.parameters()]
+    grad_outputs = upstream_gradients(block, x)
+
+    def step():
+        return torch.autograd.grad(_NoKernels.apply(block.classifier.out_features, *params), params, grad_outputs)
     return step
 
 
@@ -143,6 +170,7 @@ def main() -> None:
             report("ExitBlock, fused (eager autograd.Function)", exit_block_training_step(fused, x_grad))
             report("custom op exit_head_fused (as compiled)", custom_op_step(fused, x_grad))
             report("ExitBlock, eager PyTorch", exit_block_training_step(eager, x_grad))
+            report("autograd alone (a head launching nothing)", autograd_floor_step(fused, x_grad))
             print("device time of each kernel of the training step")
             report_kernels("fused", exit_block_training_step(fused, x_grad))
             report_kernels("eager PyTorch", exit_block_training_step(eager, x_grad))
