@@ -1,15 +1,18 @@
 #!/bin/bash
-# Every GPU check of eefast in one run (about 8 minutes on an H200): builds the extension for the
-# GPU here, profiles the exit head, benchmarks the kernels, runs the `cuda` tests and the Triton
-# kernels' tests, and benchmarks end-to-end inference (eager and with CUDA graphs). Each step has its own time limit and the later steps run
-# even if an earlier one fails, so a run always leaves what it measured.
+# Every GPU check of eefast (about 12 minutes on an H200: split STEPS over two calls of a 10-minute
+# device tool): builds the extension for the GPU here, runs the Triton kernels' tests first (their
+# correctness on a GPU before their speed), profiles the exit head, benchmarks the kernels, runs
+# the `cuda` tests, and benchmarks end-to-end inference (eager and with CUDA graphs). Each step has
+# its own time limit and the later steps run even if an earlier one fails, so a run always leaves
+# what it measured.
 #
 #     benchmarks/gpu.sh OUT_DIR
 #
 # writes OUT_DIR/{build.log, cuda-tests.log, kernel-tests.log, exit-head-profile.txt, kernels.json,
 # inference.json} and prints the inference table (python -m eefast.bench). Without a GPU every step
-# skips. STEPS picks steps (default: "cuda-tests kernel-tests profile kernels inference"; the build
-# always runs); EEFAST_BENCH_CUDNN_BENCHMARK=1 passes on to the benchmarks (benchmarks/conftest.py).
+# skips. STEPS picks steps (default: "kernel-tests profile kernels cuda-tests inference", which run
+# in that order whatever the order in STEPS; the build always runs); EEFAST_BENCH_CUDNN_BENCHMARK=1
+# passes on to the benchmarks (benchmarks/conftest.py).
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -17,7 +20,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 start=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
-want() { [[ " ${STEPS:-cuda-tests kernel-tests profile kernels inference} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-kernel-tests profile kernels cuda-tests inference} " == *" $1 "* ]]; }
 
 arch=$($python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability() if torch.cuda.is_available() else '')")
 $python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -25,6 +28,13 @@ $python -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 MAX_JOBS=${MAX_JOBS:-16} $python -m pip install -q --no-deps --no-build-isolation -e . > "$out/build.log" 2>&1 \
     || { tail -30 "$out/build.log"; exit 1; }
 step "built for ${arch:-no GPU}"
+
+if want kernel-tests && [ -n "$arch" ]; then  # the Triton kernels' tests, compiled for this GPU
+    timeout ${KERNEL_TESTS_S:-240} $python -m pytest -q -p no:cacheprovider tests/test_ee_loss_kernel.py tests/test_exit_head_kernel.py \
+        > "$out/kernel-tests.log" 2>&1
+    grep -E "^(FAILED|ERROR)" "$out/kernel-tests.log" | head -20; tail -1 "$out/kernel-tests.log"
+    step "kernel tests on the GPU"
+fi
 
 if want profile && [ -n "$arch" ]; then
     timeout 180 $python -m benchmarks.profile_exit_head > "$out/exit-head-profile.txt" 2>&1
@@ -44,13 +54,6 @@ if want cuda-tests; then
     timeout 300 $python -m pytest -q -p no:cacheprovider -m cuda tests/ > "$out/cuda-tests.log" 2>&1
     tail -3 "$out/cuda-tests.log"
     step "cuda tests"
-fi
-
-if want kernel-tests && [ -n "$arch" ]; then  # the Triton kernels' tests, compiled for this GPU
-    timeout ${KERNEL_TESTS_S:-240} $python -m pytest -q -p no:cacheprovider tests/test_ee_loss_kernel.py tests/test_exit_head_kernel.py \
-        > "$out/kernel-tests.log" 2>&1
-    grep -E "^(FAILED|ERROR)" "$out/kernel-tests.log" | head -20; tail -1 "$out/kernel-tests.log"
-    step "kernel tests on the GPU"
 fi
 
 if want inference; then
