@@ -10,8 +10,10 @@ step of an ``ExitBlock`` in train mode (forward, then the gradients of every par
 input from fixed gradients of its outputs), through the eager autograd.Function, and through the
 custom op as torch.compile would call it, against eager PyTorch and against autograd's own
 cost (the same step through a head that launches nothing: the floor of any implementation's
-host time per call); then the device time of each kernel of the step (torch.profiler), fused
-and eager. B=256, C=64, 8x8, K=10.
+host time per call), and the same steps with the backward on the calling thread ("one thread":
+torch.autograd.set_multithreading_enabled(False), where autograd would otherwise hand it to its
+worker thread for the GPU); then the device time of each kernel of the step (torch.profiler),
+fused and eager. B=256, C=64, 8x8, K=10.
 """
 
 from __future__ import annotations
@@ -101,6 +103,15 @@ def autograd_floor_step(block: eefast.ExitBlock, x: torch.Tensor):
     return step
 
 
+def on_calling_thread(step):
+    """``step`` with its backward on the calling thread (torch.autograd.set_multithreading_enabled(False)):
+    by default autograd hands a GPU graph's backward to a worker thread per device and waits for it."""
+    def step_here():
+        with torch.autograd.set_multithreading_enabled(False):
+            return step()
+    return step_here
+
+
 def report(name: str, fn) -> None:
     host, synced = host_us(fn)
     print(f"  {name:<44} {host:>12.1f} {synced:>10.1f} {replay_us(fn):>12.1f}")
@@ -167,10 +178,17 @@ def main() -> None:
             print(header)
             x_grad = x.clone().requires_grad_()
             fused.train(), eager.train()
-            report("ExitBlock, fused (eager autograd.Function)", exit_block_training_step(fused, x_grad))
-            report("custom op exit_head_fused (as compiled)", custom_op_step(fused, x_grad))
-            report("ExitBlock, eager PyTorch", exit_block_training_step(eager, x_grad))
-            report("autograd alone (a head launching nothing)", autograd_floor_step(fused, x_grad))
+            steps = {
+                "ExitBlock, fused (eager autograd.Function)": exit_block_training_step(fused, x_grad),
+                "custom op exit_head_fused (as compiled)": custom_op_step(fused, x_grad),
+                "ExitBlock, eager PyTorch": exit_block_training_step(eager, x_grad),
+                "autograd alone (a head launching nothing)": autograd_floor_step(fused, x_grad),
+            }
+            for name, step in steps.items():
+                report(name, step)
+            for name in ("ExitBlock, fused (eager autograd.Function)", "ExitBlock, eager PyTorch",
+                         "autograd alone (a head launching nothing)"):
+                report(f"{name.split(' (')[0]}, one thread", on_calling_thread(steps[name]))
             print("device time of each kernel of the training step")
             report_kernels("fused", exit_block_training_step(fused, x_grad))
             report_kernels("eager PyTorch", exit_block_training_step(eager, x_grad))

@@ -121,30 +121,37 @@ def test_exit_block_inference(benchmark, record, dtype, kind, impl, graphed):
     timed(benchmark, run)
 
 
-@pytest.mark.parametrize("graphed", [False, True], ids=["call", "graph-replay"])
+TRAINING_STEP_MODES = {"call": "call", "call-one-thread": "call, backward on the calling thread",
+                       "graph-replay": "graph replay"}
+
+
+@pytest.mark.parametrize("mode", TRAINING_STEP_MODES)
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("kind", ["pool", "bnpool"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_exit_block_training_step(benchmark, record, dtype, kind, impl, graphed):
+def test_exit_block_training_step(benchmark, record, dtype, kind, impl, mode):
     """One training step of an ExitBlock (train mode: batch statistics, running-statistics update):
     forward, then the gradients of the input and every parameter from fixed gradients of its
-    outputs. Called from Python (host time counts), or replayed from a CUDA graph of the whole
+    outputs. Called from Python (host time counts); the same with the backward on the calling
+    thread (torch.autograd.set_multithreading_enabled(False): autograd otherwise hands a GPU
+    graph's backward to its worker thread and waits); or replayed from a CUDA graph of the whole
     step (device time: what the kernels cost, against eager PyTorch's kernels)."""
     batch, channels, size, classes = 256, 64, 8, 10
     torch.manual_seed(0)
     block = eefast.ExitBlock(channels, classes, kind, impl=impl).cuda().to(dtype).train()
     x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype, requires_grad=True)
     step = exit_block_training_step(block, x)
-    call = capture(lambda: tuple(step())).replay if graphed else step
+    call = capture(lambda: tuple(step())).replay if mode == "graph-replay" else step
 
     def run():
-        call()
+        with torch.autograd.set_multithreading_enabled(mode != "call-one-thread"):
+            call()
         synchronize("cuda")
 
-    benchmark.group = f"exit block training step {kind} {str(dtype).removeprefix('torch.')} " \
-                      f"{'graph replay' if graphed else 'call'}"
+    benchmark.group = f"exit block training step {kind} {str(dtype).removeprefix('torch.')} {TRAINING_STEP_MODES[mode]}"
     record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl,
-           passes="both", graphed=graphed)
+           passes="both", graphed=mode == "graph-replay", backward_thread="caller" if mode == "call-one-thread"
+           else "autograd's device thread")
     timed(benchmark, run)
 
 
