@@ -18,12 +18,13 @@ op returns. Split statistics are merged by the forward kernel itself where the p
 against the map each of its programs reads, and by a merge kernel otherwise. The running statistics are updated as nn.BatchNorm2d does: by the
 statistics kernels themselves in eager mode, by eefast.ops after the op under torch.compile.
 
-Backward, two launches. Within a sample and channel dL/dz (z the normalised input of the ReLU)
-is dL/d pooled / HW wherever the ReLU passes, so every sum over the batch follows from dL/d
-(logits, confidence), the heads and the forward's per-sample rows, without reading x: a reduce
-kernel (a program per block of channels) writes dL/d heads, dL/d biases and the batch norm's
-dL/d bias and weight (the batch sums of dL/dz and of dL/dz * x_hat). Then one program per sample
-writes dL/dx, which with batch statistics needs those sums. Heads over HEADS_IN_KERNEL_MAX weights
+Backward, one launch, or two with batch statistics. Within a sample and channel dL/dz (z the
+normalised input of the ReLU) is dL/d pooled / HW wherever the ReLU passes, so every sum over
+the batch follows from dL/d (logits, confidence), the heads and the forward's per-sample rows,
+without reading x: reduce programs (one per block of channels) write dL/d heads, dL/d biases and
+the batch norm's dL/d bias and weight (the batch sums of dL/dz and of dL/dz * x_hat), and one
+program per sample writes dL/dx. With batch statistics dL/dx needs those sums, so the reduce
+programs run first as a kernel of their own; otherwise they run in the same launch. Heads over HEADS_IN_KERNEL_MAX weights
 get their gradients and dL/d pooled from torch's matrix products instead (each per-sample program
 would read them all).
 
@@ -408,11 +409,6 @@ def _head_rows(grad_logits_ptr, grad_conf_ptr, samples, s_mask, rows, K, gl_stri
     return g
 
 
-_BACKWARD_INTS = ["C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b", "gl_stride_k", "gc_stride"]
-_BACKWARD_POINTERS = ["grad_pooled_ptr", "grad_logits_ptr", "grad_conf_ptr", "cls_weight_ptr", "conf_weight_ptr",
-                      "x_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "totals_ptr", "grad_x_ptr"]
-
-
 @triton.jit
 def _grad_pooled(grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr, samples, s_mask, channels, c_mask,
                  C, K, gl_stride_b, gl_stride_k, gc_stride, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
@@ -431,31 +427,17 @@ def _grad_pooled(grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr
     return grad
 
 
-@triton.jit(do_not_specialize=_BACKWARD_INTS, do_not_specialize_on_alignment=_BACKWARD_POINTERS)
-def _exit_head_backward_kernel(
-    grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64 (unless HEADS_IN_KERNEL)
-    grad_logits_ptr,  # [B, K] strides (gl_stride_b, gl_stride_k) (HEADS_IN_KERNEL)
-    grad_conf_ptr,  # [B] stride gc_stride (HEADS_IN_KERNEL)
-    cls_weight_ptr,  # [K, C] contiguous (HEADS_IN_KERNEL)
-    conf_weight_ptr,  # [1, C] (HEADS_IN_KERNEL)
-    x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
-    bn_weight_ptr,  # [C] (BN)
-    bn_bias_ptr,  # [C] (BN)
-    mean_ptr,  # [C] (BN)
-    var_ptr,  # [C] (BN)
-    totals_ptr,  # [2, C] (BATCH_STATS): batch sums of dL/dz and of dL/dz * x_hat, from the reduce kernel
-    grad_x_ptr,  # [B, C, H*W] out, same strides as x
-    C, HW, K, stride_b, stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps,
-    BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
-    LAYOUT: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
-):
-    """One program per sample writes its dL/dx (with x's strides, so VEC holds for it as for x)."""
-    tl.static_assert(BN or not BATCH_STATS, "batch statistics are batch norm's")
-    b = tl.program_id(0)
+@triton.jit
+def _grad_x_program(b, B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr, x_ptr,
+                    bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, totals_ptr, grad_x_ptr, C, HW, K, stride_b,
+                    stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps,
+                    BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
+                    LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                    BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
+    """Sample b's dL/dx (with x's strides, so VEC holds for it as for x)."""
     x_row = x_ptr + b.to(tl.int64) * stride_b
     grad_x_row = grad_x_ptr + b.to(tl.int64) * stride_b
-    count = tl.cast(tl.num_programs(0), COMPUTE) * tl.cast(HW, COMPUTE)  # values per channel in the batch
+    count = tl.cast(B, COMPUTE) * tl.cast(HW, COMPUTE)  # values per channel in the batch
     sample = b + tl.arange(0, 1)
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
@@ -494,32 +476,14 @@ def _exit_head_backward_kernel(
             tl.store(grad_x_pointers, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-_REDUCE_INTS = ["B", "C", "HW", "K", "gl_stride_b", "gl_stride_k", "gc_stride"]
-_REDUCE_POINTERS = ["grad_pooled_ptr", "grad_logits_ptr", "grad_conf_ptr", "cls_weight_ptr", "conf_weight_ptr",
-                    "per_sample_ptr", "grad_weight_ptr", "grad_bias_ptr", "totals_ptr"]
-
-
-@triton.jit(do_not_specialize=_REDUCE_INTS, do_not_specialize_on_alignment=_REDUCE_POINTERS)
-def _exit_head_reduce_kernel(
-    grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64 (unless HEADS_IN_KERNEL)
-    grad_logits_ptr,  # [B, K] strides (gl_stride_b, gl_stride_k)
-    grad_conf_ptr,  # [B] stride gc_stride
-    cls_weight_ptr,  # [K, C] contiguous (HEADS_IN_KERNEL)
-    conf_weight_ptr,  # [1, C] (HEADS_IN_KERNEL)
-    per_sample_ptr,  # [1 or 3, B, C] contiguous, float32/64, from the forward: pooled; (BN) passed count, x_hat sum
-    grad_weight_ptr,  # [K+1, C] out (HEADS_IN_KERNEL): dL/d heads (rows 0..K-1 the class head, row K the confidence)
-    grad_bias_ptr,  # [K+1] out (HEADS_IN_KERNEL)
-    totals_ptr,  # [2, C] out (BN): batch sums of dL/dz and of dL/dz * x_hat, = dL/d (batch-norm bias, weight)
-    B, C, HW, K, gl_stride_b, gl_stride_k, gc_stride,
-    BN: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
-):
-    """One program per block of channels: the sums over the batch that the gradients of the heads
-    (dL/d heads = dL/d out^T @ pooled, dL/d bias = column sums) and of the batch norm are. Within
-    a sample and channel dL/dz is dL/d pooled / HW wherever the ReLU passes, so the batch norm's
-    sums are dL/d pooled / HW times the forward's passed count and x_hat sum: no pass over x."""
-    tl.static_assert(BN or HEADS_IN_KERNEL, "nothing to reduce")
-    pid = tl.program_id(0)
+@triton.jit
+def _reduce_program(pid, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr,
+                    per_sample_ptr, grad_weight_ptr, grad_bias_ptr, totals_ptr, B, C, HW, K, gl_stride_b, gl_stride_k,
+                    gc_stride, BN: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
+    """Channel block pid's sums over the batch: dL/d heads = dL/d out^T @ pooled and dL/d biases
+    (column sums; block 0 writes them), and with BN the batch norm's, which within a sample and
+    channel are dL/d pooled / HW times the forward's passed count and x_hat sum: no pass over x."""
     channels = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = channels < C
     if HEADS_IN_KERNEL:
@@ -560,6 +524,88 @@ def _exit_head_reduce_kernel(
             sum_g_xhat += tl.sum(grad_pool * passed_x_hat, axis=0)
         tl.store(totals_ptr + channels, (sum_g / HW).to(totals_ptr.dtype.element_ty), mask=c_mask)
         tl.store(totals_ptr + C + channels, (sum_g_xhat / HW).to(totals_ptr.dtype.element_ty), mask=c_mask)
+
+
+_REDUCE_INTS = ["B", "C", "HW", "K", "gl_stride_b", "gl_stride_k", "gc_stride"]
+_REDUCE_POINTERS = ["grad_pooled_ptr", "grad_logits_ptr", "grad_conf_ptr", "cls_weight_ptr", "conf_weight_ptr",
+                    "per_sample_ptr", "grad_weight_ptr", "grad_bias_ptr", "totals_ptr"]
+
+
+@triton.jit(do_not_specialize=_REDUCE_INTS, do_not_specialize_on_alignment=_REDUCE_POINTERS)
+def _exit_head_reduce_kernel(
+    grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64 (unless HEADS_IN_KERNEL)
+    grad_logits_ptr,  # [B, K] strides (gl_stride_b, gl_stride_k)
+    grad_conf_ptr,  # [B] stride gc_stride
+    cls_weight_ptr,  # [K, C] contiguous (HEADS_IN_KERNEL)
+    conf_weight_ptr,  # [1, C] (HEADS_IN_KERNEL)
+    per_sample_ptr,  # [1 or 3, B, C] contiguous, float32/64, from the forward: pooled; (BN) passed count, x_hat sum
+    grad_weight_ptr,  # [K+1, C] out (HEADS_IN_KERNEL): dL/d heads (rows 0..K-1 the class head, row K the confidence)
+    grad_bias_ptr,  # [K+1] out (HEADS_IN_KERNEL)
+    totals_ptr,  # [2, C] out (BN): batch sums of dL/dz and of dL/dz * x_hat, = dL/d (batch-norm bias, weight)
+    B, C, HW, K, gl_stride_b, gl_stride_k, gc_stride,
+    BN: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """One program per block of channels: the sums over the batch that the gradients of the heads
+    and of the batch norm are (_reduce_program), before the per-sample kernel, which with batch
+    statistics needs them."""
+    tl.static_assert(BN or HEADS_IN_KERNEL, "nothing to reduce")
+    _reduce_program(tl.program_id(0), grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr,
+                    per_sample_ptr, grad_weight_ptr, grad_bias_ptr, totals_ptr, B, C, HW, K, gl_stride_b,
+                    gl_stride_k, gc_stride, BN, HEADS_IN_KERNEL, BLOCK_B, BLOCK_C, BLOCK_K, COMPUTE)
+
+
+_BACKWARD_INTS = ["B", "C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b", "gl_stride_k", "gc_stride"]
+_BACKWARD_POINTERS = ["grad_pooled_ptr", "grad_logits_ptr", "grad_conf_ptr", "cls_weight_ptr", "conf_weight_ptr",
+                      "x_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "per_sample_ptr",
+                      "grad_weight_ptr", "grad_bias_ptr", "totals_ptr", "grad_x_ptr"]
+
+
+@triton.jit(do_not_specialize=_BACKWARD_INTS, do_not_specialize_on_alignment=_BACKWARD_POINTERS)
+def _exit_head_backward_kernel(
+    grad_pooled_ptr,  # [B, C] dL/d pooled, contiguous, float32/64 (unless HEADS_IN_KERNEL)
+    grad_logits_ptr,  # [B, K] strides (gl_stride_b, gl_stride_k) (HEADS_IN_KERNEL)
+    grad_conf_ptr,  # [B] stride gc_stride (HEADS_IN_KERNEL)
+    cls_weight_ptr,  # [K, C] contiguous (HEADS_IN_KERNEL)
+    conf_weight_ptr,  # [1, C] (HEADS_IN_KERNEL)
+    x_ptr,  # [B, C, H*W] strides (stride_b, stride_c, stride_hw)
+    bn_weight_ptr,  # [C] (BN)
+    bn_bias_ptr,  # [C] (BN)
+    mean_ptr,  # [C] (BN)
+    var_ptr,  # [C] (BN)
+    per_sample_ptr,  # [1 or 3, B, C] from the forward (REDUCE)
+    grad_weight_ptr,  # [K+1, C] out (REDUCE and HEADS_IN_KERNEL)
+    grad_bias_ptr,  # [K+1] out (REDUCE and HEADS_IN_KERNEL)
+    totals_ptr,  # [2, C]: batch sums of dL/dz and of dL/dz * x_hat; read (BATCH_STATS, from the reduce kernel) or
+    #              written (REDUCE and BN)
+    grad_x_ptr,  # [B, C, H*W] out, same strides as x
+    B, C, HW, K, stride_b, stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps,
+    BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
+    LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr,
+    REDUCE: tl.constexpr, REDUCE_B: tl.constexpr, REDUCE_C: tl.constexpr, REDUCE_K: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """Programs 0..B-1 write one sample's dL/dx each. With REDUCE the programs past them do the
+    reduce kernel's work (a channel block of REDUCE_C each, _reduce_program): where dL/dx does not
+    wait for those sums (no batch statistics) the whole backward is one launch."""
+    tl.static_assert(BN or not BATCH_STATS, "batch statistics are batch norm's")
+    tl.static_assert(not (REDUCE and BATCH_STATS), "with batch statistics dL/dx needs the reduce kernel's sums first")
+    b = tl.program_id(0)
+    if REDUCE:
+        if b < B:
+            _grad_x_program(b, B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr,
+                            x_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, totals_ptr, grad_x_ptr, C, HW, K,
+                            stride_b, stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps, BN, RELU,
+                            BATCH_STATS, HEADS_IN_KERNEL, LAYOUT, VEC, BLOCK_C, BLOCK_HW, BLOCK_K, COMPUTE)
+        else:
+            _reduce_program(b - B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr,
+                            per_sample_ptr, grad_weight_ptr, grad_bias_ptr, totals_ptr, B, C, HW, K, gl_stride_b,
+                            gl_stride_k, gc_stride, BN, HEADS_IN_KERNEL, REDUCE_B, REDUCE_C, REDUCE_K, COMPUTE)
+    else:
+        _grad_x_program(b, B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr, x_ptr,
+                        bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, totals_ptr, grad_x_ptr, C, HW, K, stride_b,
+                        stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps, BN, RELU, BATCH_STATS,
+                        HEADS_IN_KERNEL, LAYOUT, VEC, BLOCK_C, BLOCK_HW, BLOCK_K, COMPUTE)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -913,10 +959,11 @@ def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn
 def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var,
                               per_sample, eps, batch_stats, relu):
     """(dL/dx in x's layout, dL/d heads [K+1, C], dL/d biases [K+1], dL/d batch-norm (bias, weight)
-    [2, C] or [0, C] without batch norm), from the forward's per_sample [1 or 3, B, C]. Two
-    launches: the reduce kernel (every sum over the batch), then the per-sample kernel (dL/dx,
-    which with batch statistics needs those sums). Heads over HEADS_IN_KERNEL_MAX weights take
-    their gradients and dL/d pooled from torch's matrix products instead."""
+    [2, C] or [0, C] without batch norm), from the forward's per_sample [1 or 3, B, C]. With batch
+    statistics two launches: the reduce kernel (every sum over the batch), then the per-sample
+    kernel (dL/dx, which needs those sums); otherwise one, the per-sample kernel with the reduce
+    kernel's programs appended. Heads over HEADS_IN_KERNEL_MAX weights take their gradients and
+    dL/d pooled from torch's matrix products instead."""
     batch, channels, height, width = x.shape
     classes = cls_weight.shape[0]
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
@@ -942,29 +989,34 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
     else:
         cls_weight, conf_weight = cls_weight.contiguous(), conf_weight.contiguous()
         head_strides = (grad_logits.stride(0), grad_logits.stride(1), grad_conf.stride(0))
-        if heads_in_kernel or bn:
-            reduce_b, reduce_c, reduce_k = _reduce_blocks(batch, channels, classes + 1)
+        reduce = heads_in_kernel or bn  # (sums over the batch to make)
+        reduce_b, reduce_c, reduce_k = _reduce_blocks(batch, channels, classes + 1) if reduce else (1, 1, 1)
+        reduce_programs = -(-channels // reduce_c)  # cdiv (triton.cdiv takes 1.5 us of host time)
+        if batch_stats:  # dL/dx needs the sums: the reduce kernel first
             _launch_reduce(
                 (grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, compute, grad_weight.dtype,
                  grad_bias.dtype, bn, heads_in_kernel, reduce_b, reduce_c, reduce_k),
-                (-(-channels // reduce_c),),  # cdiv (triton.cdiv takes 1.5 us of host time)
+                (reduce_programs,),
                 (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, per_sample, grad_weight, grad_bias,
                  totals, batch, channels, height * width, classes, *head_strides),
                 dict(BN=bn, HEADS_IN_KERNEL=heads_in_kernel, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_K=reduce_k,
                      COMPUTE=tl_dtype(compute)),
             )
+        fused_reduce = reduce and not batch_stats  # the sums by programs of the same launch
         layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
         block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
         bn_tensors = _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var)
         _launch_backward(
             (compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, x.dtype,
-             *(t.dtype for t in bn_tensors), grad_x.dtype, bn, relu, batch_stats, heads_in_kernel, layout, vec, block_c,
-             block_hw, block_k),
-            (batch,),
-            (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, x, *bn_tensors, totals, grad_x,
-             channels, height * width, classes, stride_b, stride_c, stride_hw, *head_strides, float(eps)),
+             *(t.dtype for t in bn_tensors), grad_weight.dtype, grad_bias.dtype, grad_x.dtype, bn, relu, batch_stats,
+             heads_in_kernel, layout, vec, block_c, block_hw, block_k, fused_reduce, reduce_b, reduce_c, reduce_k),
+            (batch + reduce_programs if fused_reduce else batch,),
+            (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, x, *bn_tensors, per_sample, grad_weight,
+             grad_bias, totals, grad_x, batch, channels, height * width, classes, stride_b, stride_c, stride_hw,
+             *head_strides, float(eps)),
             dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, HEADS_IN_KERNEL=heads_in_kernel, LAYOUT=layout, VEC=vec,
-                 BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k, COMPUTE=tl_dtype(compute)),
+                 BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k, REDUCE=fused_reduce, REDUCE_B=reduce_b,
+                 REDUCE_C=reduce_c, REDUCE_K=reduce_k, COMPUTE=tl_dtype(compute)),
         )
     grad_bn = totals if bn_weight is None or totals.dtype == bn_weight.dtype else totals.to(bn_weight.dtype)
     if grad_x.dtype != x.dtype:  # (the interpreter's bfloat16: see written_dtype; a same-dtype .to costs ~1 us)

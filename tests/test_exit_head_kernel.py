@@ -339,6 +339,28 @@ def test_inference_follows_parameter_changes(kind):
     check()
 
 
+@pytest.mark.parametrize("kind, training, launches", [("pool", True, ["backward"]), ("bnpool", False, ["backward"]),
+                                                      ("bnpool", True, ["reduce", "backward"])],
+                         ids=["pool", "bnpool-eval", "bnpool-train"])
+def test_backward_is_one_launch_unless_batch_statistics(kind, training, launches, monkeypatch):
+    """The backward's reduce programs (the sums over the batch) run in the per-sample kernel's
+    launch, except with batch statistics, whose dL/dx needs their sums first; the gradients match
+    the reference either way (test_matches_reference covers every shape)."""
+    from eefast.kernels import exit_head as kernel
+
+    seen = []
+    for name in ("reduce", "backward"):
+        launcher = getattr(kernel, f"_launch_{name}")
+        monkeypatch.setattr(kernel, f"_launch_{name}",
+                            lambda *args, _launch=launcher, _name=name: (seen.append(_name), _launch(*args)))
+    params, bn = make(SHAPES["k-blocks"], kind, torch.float64, training=training)
+    outputs, grads = run("triton", params, bn, kind)
+    assert seen == launches
+    ref_outputs, ref_grads = run("reference", params, clone_bn(bn), kind)
+    for got, want in zip(outputs + grads, ref_outputs + ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_each_mode_takes_its_path(monkeypatch):
     """Without autograd: the inference launch alone (no custom op, no folding); with autograd
     (eval-mode or batch statistics): the eager autograd.Function, whose statistics kernel also

@@ -108,14 +108,17 @@ for arch in (80, 90):
                 count += 1
             for heads_in_kernel in (False, True):
                 for batch_stats in ((False, True) if bn else (False,)):
+                    # (the reduce programs in the same launch wherever there are sums and dL/dx needs none)
                     compile_kernel(exit_head._exit_head_backward_kernel,
                                    {"grad_pooled_ptr": f"*{compute}", **head_pointers, "x_ptr": f"*{data}",
-                                    **bn_pointers, "totals_ptr": f"*{compute}", "grad_x_ptr": f"*{data}",
-                                    "eps": "fp32"},
-                                   ["C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b",
+                                    **bn_pointers, "per_sample_ptr": f"*{compute}", "grad_weight_ptr": f"*{data}",
+                                    "grad_bias_ptr": f"*{data}", "totals_ptr": f"*{compute}",
+                                    "grad_x_ptr": f"*{data}", "eps": "fp32"},
+                                   ["B", "C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b",
                                     "gl_stride_k", "gc_stride"],
                                    {**flags, "BATCH_STATS": batch_stats, "HEADS_IN_KERNEL": heads_in_kernel,
-                                    "BLOCK_K": 16}, arch)
+                                    "BLOCK_K": 16, "REDUCE": (heads_in_kernel or bn) and not batch_stats,
+                                    "REDUCE_B": 64, "REDUCE_C": 8, "REDUCE_K": 16}, arch)
                     count += 1
                 if bn or heads_in_kernel:
                     compile_kernel(exit_head._exit_head_reduce_kernel,
@@ -163,6 +166,7 @@ def resources(fn, pointers, constexprs):
                   if ":" in f and f.split(":")[0] in ("REG", "STACK", "LOCAL"))
     usage = {k: int(v) for k, v in fields.items()}
     usage["V4_LOADS"] = len(re.findall(r"ld\.global[^ ]*\.v4", compiled.asm["ptx"]))  # 16-byte loads
+    usage["V4_STORES"] = len(re.findall(r"st\.global[^ ]*\.v4", compiled.asm["ptx"]))  # and stores
     return usage
 
 # The benchmark's exit head (B=256, C=64, 8x8, K=10) and the 7x7 map that cannot take 16-byte vectors,
@@ -186,10 +190,16 @@ for data, size in (("fp32", 4), ("bf16", 2)):
         channels_last_splits = H._stats_channels_blocks(256, 64, pixels)[2]
         merge_s, merge_c = H._merge_blocks(channels_last_splits, 64)
         assert H._merge_in_forward(splits, pixels)  # (both shapes: NCHW statistics split 4 ways, merged by the forward)
+        no_reduce = {"REDUCE": False, "REDUCE_B": 1, "REDUCE_C": 1, "REDUCE_K": 1}
         kernels = {
             "forward": (H._exit_head_forward_kernel, {**common, "BN_SUMS": True, "MERGE": True, "UPDATE": True,
                                                       "BLOCK_S": H._merge_block_s(splits, block_c)}),
-            "backward": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS_IN_KERNEL": True}),
+            "backward": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS_IN_KERNEL": True,
+                                                        **no_reduce}),
+            # the pool exit's backward: dL/dx and the heads' sums in one launch
+            "backward pool": (H._exit_head_backward_kernel, {
+                **common, "BN": False, "RELU": False, "BATCH_STATS": False, "HEADS_IN_KERNEL": True, "REDUCE": True,
+                "REDUCE_B": reduce_b, "REDUCE_C": reduce_c, "REDUCE_K": reduce_k}),
             "stats": (H._batch_stats_kernel, {"SPLIT": splits > 1, "UPDATE": splits == 1, "LAYOUT": layout,
                                               "VEC": vec, "BLOCK_B": block_b, "BLOCK_HW": stats_hw,
                                               "COMPUTE": tl.float32}),
@@ -219,9 +229,11 @@ def test_exit_head_kernels_do_not_spill_registers_on_sm90():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 * 2 * 6, result.stdout
+    assert len(lines) == 2 * 2 * 7, result.stdout
     for line in lines:
         usage = json.loads(line)
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0, line
-        if usage["vec"] > 1 and usage["kernel"] not in ("reduce", "merge channels_last"):  # (they read no x)
-            assert usage["V4_LOADS"] > 0, line
+        if usage["vec"] > 1 and usage["kernel"] not in ("reduce", "merge channels_last", "backward pool"):
+            assert usage["V4_LOADS"] > 0, line  # (the others read no x)
+        if usage["vec"] > 1 and usage["kernel"].startswith("backward"):
+            assert usage["V4_STORES"] > 0, line  # dL/dx
