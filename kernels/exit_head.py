@@ -10,13 +10,16 @@ the batch norm's weight, bias, mean and variance (folded per channel in the kern
 pools, and applies the class head [K, C] and the confidence head [1, C] as one [K+1, C] matrix,
 writing the class logits [B, K], the confidence logits [B] and, for the backward, float32
 per-sample rows [1 or 3, B, C]: the pooled features and, with batch norm, each channel's count of
-values the ReLU passes and the sum of their x_hat. A ``plain`` exit is the same kernel on x viewed
-as [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running statistics; training mode
-with the batch's, from a statistics kernel (a program per channel, or per channel and part of
-the batch; in channels_last per block of channels and part of the positions), whose results the
-op returns. Split statistics are merged by the forward kernel itself where the parts are few
-against the map each of its programs reads, and by a merge kernel otherwise. The running statistics are updated as nn.BatchNorm2d does: by the
-statistics kernels themselves in eager mode, by eefast.ops after the op under torch.compile.
+values the ReLU passes and the sum of their x_hat. Heads over HEADS_IN_KERNEL_MAX weights, which
+every program would read whole, are applied to the pooled features by torch's matrix products
+instead. A ``plain`` exit is the same kernel on x viewed as [B, C*H*W, 1, 1]. Inference and eval
+mode normalise with the running statistics; training mode with the batch's, from a statistics
+kernel (a program per channel, or per channel and part of the batch; in channels_last per block
+of channels and part of the positions), whose results the op returns. Split statistics are
+merged by the forward kernel itself where the parts are few against the map each of its programs
+reads, and by a merge kernel otherwise. The running statistics are updated as nn.BatchNorm2d
+does: by the statistics kernels themselves in eager mode, by eefast.ops after the op under
+torch.compile.
 
 Backward, one launch, or two with batch statistics. Within a sample and channel dL/dz (z the
 normalised input of the ReLU) is dL/d pooled / HW wherever the ReLU passes, so every sum over
@@ -296,6 +299,33 @@ def _batch_stats_merge_kernel(
                       m2, shift, momentum_hi, momentum_lo, False, UPDATE, COMPUTE)
 
 
+@triton.jit
+def _heads_forward(pooled_ptr, cls_weight_ptr, cls_bias_ptr, conf_weight_ptr, conf_bias_ptr, logits_ptr, conf_ptr,
+                   C, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
+    """One sample's class logits [K] and confidence logit from its pooled features [C] (which this
+    program has just written) and both heads as one [K+1, C] matrix: rows 0..K-1 the class head,
+    row K the confidence head."""
+    tl.debug_barrier()  # the pooled row is read back by other threads than wrote it
+    for k0 in range(0, K + 1, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        is_class = rows < K
+        is_conf = rows == K
+        acc = tl.zeros([BLOCK_K], COMPUTE)
+        for c0 in range(0, C, BLOCK_C):
+            channels = c0 + tl.arange(0, BLOCK_C)
+            c_mask = channels < C
+            pooled = tl.load(pooled_ptr + channels, mask=c_mask, other=0.0)
+            w = tl.load(cls_weight_ptr + rows[:, None] * C + channels[None, :],
+                        mask=is_class[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+            w += tl.load(conf_weight_ptr + (rows[:, None] - K) * C + channels[None, :],
+                         mask=is_conf[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
+            acc += tl.sum(w * pooled[None, :], axis=1)
+        acc += tl.load(cls_bias_ptr + rows, mask=is_class, other=0.0).to(COMPUTE)
+        acc += tl.load(conf_bias_ptr + (rows - K), mask=is_conf, other=0.0).to(COMPUTE)
+        tl.store(logits_ptr + rows, acc.to(logits_ptr.dtype.element_ty), mask=is_class)
+        tl.store(conf_ptr + (rows - K), acc.to(conf_ptr.dtype.element_ty), mask=is_conf)
+
+
 _FORWARD_INTS = ["C", "HW", "K", "S", "stride_b", "stride_c", "stride_hw"]
 _FORWARD_POINTERS = ["x_ptr", "cls_weight_ptr", "cls_bias_ptr", "conf_weight_ptr", "conf_bias_ptr", "bn_weight_ptr",
                      "bn_bias_ptr", "mean_ptr", "var_ptr", "partials_ptr", "stats_ptr", "running_mean_ptr",
@@ -306,10 +336,10 @@ _FORWARD_POINTERS = ["x_ptr", "cls_weight_ptr", "cls_bias_ptr", "conf_weight_ptr
 @triton.jit(do_not_specialize=_FORWARD_INTS, do_not_specialize_on_alignment=_FORWARD_POINTERS)
 def _exit_head_forward_kernel(
     x_ptr,  # [B, C, H*W] features, strides (stride_b, stride_c, stride_hw)
-    cls_weight_ptr,  # [K, C] class head, contiguous
-    cls_bias_ptr,  # [K]
-    conf_weight_ptr,  # [1, C] confidence head (row K of the [K+1, C] matrix)
-    conf_bias_ptr,  # [1]
+    cls_weight_ptr,  # [K, C] class head, contiguous (HEADS_IN_KERNEL)
+    cls_bias_ptr,  # [K] (HEADS_IN_KERNEL)
+    conf_weight_ptr,  # [1, C] confidence head, row K of the [K+1, C] matrix (HEADS_IN_KERNEL)
+    conf_bias_ptr,  # [1] (HEADS_IN_KERNEL)
     bn_weight_ptr,  # [C] (BN)
     bn_bias_ptr,  # [C] (BN)
     mean_ptr,  # [C] (BN, not MERGE) the running or the batch mean
@@ -318,15 +348,17 @@ def _exit_head_forward_kernel(
     stats_ptr,  # [3, C] out (MERGE, program 0): the batch's mean, biased and unbiased variance
     running_mean_ptr,  # [C] updated in place (MERGE and UPDATE, program 0)
     running_var_ptr,  # [C] updated in place (MERGE and UPDATE, program 0)
-    logits_ptr,  # [B, K] out
-    conf_ptr,  # [B] out
+    logits_ptr,  # [B, K] out (HEADS_IN_KERNEL)
+    conf_ptr,  # [B] out (HEADS_IN_KERNEL)
     per_sample_ptr,  # [1 or 3, B, C] out, contiguous, float32/64: pooled; (BN_SUMS) passed count, x_hat sum
     C, HW, K, S, stride_b, stride_c, stride_hw, eps, momentum_hi, momentum_lo,
     BN: tl.constexpr, RELU: tl.constexpr, BN_SUMS: tl.constexpr, MERGE: tl.constexpr, UPDATE: tl.constexpr,
-    LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr,
+    HEADS_IN_KERNEL: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """One program per sample. With BN_SUMS it also writes, per channel, what the batch norm's
+    """One program per sample: the pooled features, then (HEADS_IN_KERNEL) both heads on them; heads
+    too large to read once per sample are left to a matrix product after the kernel (the
+    launcher's). With BN_SUMS it also writes, per channel, what the batch norm's
     gradients need of x: how many values the ReLU passes and the sum of their x_hat. With MERGE
     each program merges the batch statistics from the split statistics kernel's partials itself
     (a launch fewer than the merge kernel), and program 0 writes them (and with UPDATE updates the
@@ -374,26 +406,9 @@ def _exit_head_forward_kernel(
             rows = tl.num_programs(0) * C
             tl.store(per_sample_ptr + rows + b * C + channels, passed_count, mask=c_mask)
             tl.store(per_sample_ptr + 2 * rows + b * C + channels, passed_x_hat, mask=c_mask)
-    tl.debug_barrier()  # this program reads back the pooled row it wrote
-    # 2. both heads as one [K+1, C] matrix: rows 0..K-1 the class head, row K the confidence head
-    for k0 in range(0, K + 1, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K)
-        is_class = rows < K
-        is_conf = rows == K
-        acc = tl.zeros([BLOCK_K], COMPUTE)
-        for c0 in range(0, C, BLOCK_C):
-            channels = c0 + tl.arange(0, BLOCK_C)
-            c_mask = channels < C
-            pooled = tl.load(pooled_ptr + b * C + channels, mask=c_mask, other=0.0)
-            w = tl.load(cls_weight_ptr + rows[:, None] * C + channels[None, :],
-                        mask=is_class[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
-            w += tl.load(conf_weight_ptr + (rows[:, None] - K) * C + channels[None, :],
-                         mask=is_conf[:, None] & c_mask[None, :], other=0.0).to(COMPUTE)
-            acc += tl.sum(w * pooled[None, :], axis=1)
-        acc += tl.load(cls_bias_ptr + rows, mask=is_class, other=0.0).to(COMPUTE)
-        acc += tl.load(conf_bias_ptr + (rows - K), mask=is_conf, other=0.0).to(COMPUTE)
-        tl.store(logits_ptr + b * K + rows, acc.to(logits_ptr.dtype.element_ty), mask=is_class)
-        tl.store(conf_ptr + b + (rows - K), acc.to(conf_ptr.dtype.element_ty), mask=is_conf)
+    if HEADS_IN_KERNEL:
+        _heads_forward(pooled_ptr + b * C, cls_weight_ptr, cls_bias_ptr, conf_weight_ptr, conf_bias_ptr,
+                       logits_ptr + b * K, conf_ptr + b, C, K, BLOCK_C, BLOCK_K, COMPUTE)
 
 
 @triton.jit
@@ -617,8 +632,9 @@ _launch_forward = FastLauncher(_exit_head_forward_kernel)
 _launch_backward = FastLauncher(_exit_head_backward_kernel)
 _launch_reduce = FastLauncher(_exit_head_reduce_kernel)
 
-# Heads up to this many weights ((K+1) * C) have their gradients computed in the backward's own
-# kernels (each program reads the whole [K+1, C] matrix); larger ones use torch's matrix products.
+# Heads up to this many weights ((K+1) * C) are applied, and their gradients computed, by the
+# kernels, where each per-sample program reads the whole [K+1, C] matrix; larger ones (K=1000, or a
+# plain exit's C*H*W features) use torch's matrix products, which read it once.
 HEADS_IN_KERNEL_MAX = 16384
 
 
@@ -791,7 +807,8 @@ def _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var):
 def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu, bn_sums,
              merge=None):
     """(logits [B, K], conf [B], per_sample [1 or 3, B, C]); batch norm with (mean, var) unless mean
-    is None. per_sample[0] is the pooled features; with ``bn_sums`` (batch norm only) per_sample[1]
+    is None. Heads over HEADS_IN_KERNEL_MAX weights are applied to the pooled features by torch's
+    matrix products after the kernel. per_sample[0] is the pooled features; with ``bn_sums`` (batch norm only) per_sample[1]
     and [2] are, per sample and channel, the count of values the ReLU passes and the sum of their
     x_hat, which the backward's batch-norm sums are made of. With ``merge = (partials, stats,
     running_update, momentum)`` the kernel merges the batch statistics from the partials (mean and
@@ -802,8 +819,12 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = compute_dtype(x.dtype)
     out_dtype = written_dtype(x.dtype)
-    logits = torch.empty(batch, classes, dtype=out_dtype, device=x.device)
-    conf = torch.empty(batch, dtype=out_dtype, device=x.device)
+    heads_in_kernel = (classes + 1) * channels <= HEADS_IN_KERNEL_MAX
+    if heads_in_kernel:
+        logits = torch.empty(batch, classes, dtype=out_dtype, device=x.device)
+        conf = torch.empty(batch, dtype=out_dtype, device=x.device)
+    else:
+        logits = conf = x  # unwritten: the matrix products below
     per_sample = torch.empty(3 if bn_sums else 1, batch, channels, dtype=compute, device=x.device)
     if batch > 0:
         layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
@@ -823,16 +844,21 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
             running_mean, running_var = running_update[:2] if update else (stats, stats)
         key = (x.dtype, cls_weight.dtype, cls_bias.dtype, conf_weight.dtype, conf_bias.dtype,
                *(t.dtype for t in bn_tensors), running_mean.dtype, running_var.dtype, out_dtype, bn, relu, bn_sums,
-               merge is not None, update, layout, vec, block_c, block_hw, block_k, block_s)
+               merge is not None, update, heads_in_kernel, layout, vec, block_c, block_hw, block_k, block_s)
         _launch_forward(
             key, (batch,),
             (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, partials, stats, running_mean, running_var,
              logits, conf, per_sample, channels, height * width, classes, splits, stride_b, stride_c, stride_hw,
              float(eps), *momentum),
-            dict(BN=bn, RELU=relu, BN_SUMS=bn_sums, MERGE=merge is not None, UPDATE=update, LAYOUT=layout, VEC=vec,
-                 BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k, BLOCK_S=block_s, COMPUTE=tl_dtype(compute)),
+            dict(BN=bn, RELU=relu, BN_SUMS=bn_sums, MERGE=merge is not None, UPDATE=update,
+                 HEADS_IN_KERNEL=heads_in_kernel, LAYOUT=layout, VEC=vec, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                 BLOCK_K=block_k, BLOCK_S=block_s, COMPUTE=tl_dtype(compute)),
         )
-    if out_dtype != x.dtype:
+    if not heads_in_kernel:  # in the compute dtype, as the kernel would
+        pooled = per_sample[0]
+        logits = torch.addmm(cls_bias.to(compute), pooled, cls_weight.to(compute).t())
+        conf = torch.addmm(conf_bias.to(compute), pooled, conf_weight.to(compute).t()).view(batch)
+    if logits.dtype != x.dtype:
         logits, conf = logits.to(x.dtype), conf.to(x.dtype)
     return logits, conf, per_sample
 

@@ -339,6 +339,26 @@ def test_inference_follows_parameter_changes(kind):
     check()
 
 
+@pytest.mark.parametrize("shape", [SHAPES["non-pow2"], SHAPES["k1000"]], ids=["small-heads", "k1000"])
+def test_large_heads_are_applied_by_a_matrix_product(shape, monkeypatch):
+    """Heads over HEADS_IN_KERNEL_MAX weights (K=1000 at C=64: 64064) are not read by every
+    per-sample program (B times the matrix) but applied once by torch's matrix products to the
+    kernel's pooled features; the outputs match the reference either way."""
+    from eefast.kernels import exit_head as kernel
+
+    in_kernel = []
+    launcher = kernel._launch_forward
+    monkeypatch.setattr(kernel, "_launch_forward",
+                        lambda *args: (in_kernel.append(args[3]["HEADS_IN_KERNEL"]), launcher(*args)))
+    params, _ = make(shape, "pool", torch.float64)
+    outputs, grads = run("triton", params, None, "pool")
+    ref_outputs, ref_grads = run("reference", params, None, "pool")
+    classes, channels = shape[4], shape[1]
+    assert in_kernel == [(classes + 1) * channels <= kernel.HEADS_IN_KERNEL_MAX]
+    for got, want in zip(outputs + grads, ref_outputs + ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind, training, launches", [("pool", True, ["backward"]), ("bnpool", False, ["backward"]),
                                                       ("bnpool", True, ["reduce", "backward"])],
                          ids=["pool", "bnpool-eval", "bnpool-train"])

@@ -94,8 +94,10 @@ for arch in (80, 90):
                            "var_ptr": f"*{bn_dtype}"}
             flags = {"BN": bn, "RELU": bn, "LAYOUT": layout, "VEC": layout_vec, "BLOCK_C": 32, "BLOCK_HW": 64,
                      "COMPUTE": compute_tl}
-            # (inference; training, the batch statistics given or merged from partials by the forward)
-            for bn_sums, merge in (((False, False), (True, False), (True, True)) if bn else ((False, False),)):
+            # (inference; training, the batch statistics given or merged from partials by the forward;
+            # without batch norm also with the heads left to torch)
+            for bn_sums, merge, heads in (((False, False, True), (True, False, True), (True, True, True)) if bn
+                                          else ((False, False, True), (False, False, False))):
                 compile_kernel(exit_head._exit_head_forward_kernel,
                                {"x_ptr": f"*{data}", "cls_weight_ptr": f"*{data}", "cls_bias_ptr": f"*{data}",
                                 "conf_weight_ptr": f"*{data}", "conf_bias_ptr": f"*{data}", **bn_pointers,
@@ -103,8 +105,8 @@ for arch in (80, 90):
                                 "logits_ptr": f"*{data}", "conf_ptr": f"*{data}", "per_sample_ptr": f"*{compute}",
                                 "eps": "fp32"},
                                ["C", "HW", "K", "S", "stride_b", "stride_c", "stride_hw"],
-                               {**flags, "BN_SUMS": bn_sums, "MERGE": merge, "UPDATE": merge, "BLOCK_K": 16,
-                                "BLOCK_S": 4}, arch)
+                               {**flags, "BN_SUMS": bn_sums, "MERGE": merge, "UPDATE": merge,
+                                "HEADS_IN_KERNEL": heads, "BLOCK_K": 16, "BLOCK_S": 4}, arch)
                 count += 1
             for heads_in_kernel in (False, True):
                 for batch_stats in ((False, True) if bn else (False,)):
@@ -139,8 +141,8 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 2 + 2 statistics
-    # and a merge, 1 + 3 forward, 2 x (1 + 2) backward, 1 + 2 reduce)
-    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 5 + 4 + 2 * 3 + 3))
+    # and a merge, 2 + 3 forward, 2 x (1 + 2) backward, 1 + 2 reduce)
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 5 + 5 + 2 * 3 + 3))
 
 
 SPILL_SCRIPT = r'''
@@ -193,6 +195,7 @@ for data, size in (("fp32", 4), ("bf16", 2)):
         no_reduce = {"REDUCE": False, "REDUCE_B": 1, "REDUCE_C": 1, "REDUCE_K": 1}
         kernels = {
             "forward": (H._exit_head_forward_kernel, {**common, "BN_SUMS": True, "MERGE": True, "UPDATE": True,
+                                                      "HEADS_IN_KERNEL": True,
                                                       "BLOCK_S": H._merge_block_s(splits, block_c)}),
             "backward": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS_IN_KERNEL": True,
                                                         **no_reduce}),
