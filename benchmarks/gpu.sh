@@ -11,7 +11,9 @@
 # writes OUT_DIR/{build.log, cuda-tests.log, kernel-tests.log, exit-head-profile.txt, kernels.json,
 # inference.json} and prints the inference table (python -m eefast.bench). Without a GPU every step
 # skips. STEPS picks steps (default: "kernel-tests profile kernels cuda-tests inference", which run
-# in that order whatever the order in STEPS; the build always runs); EEFAST_BENCH_CUDNN_BENCHMARK=1
+# in that order whatever the order in STEPS; the build always runs); KERNEL_CASES narrows the kernel
+# benchmarks (a pytest -k expression, e.g. "exit_block" for the exit head's training steps and
+# inference), KERNELS_S and KERNEL_TESTS_S set their time limits; EEFAST_BENCH_CUDNN_BENCHMARK=1
 # passes on to the benchmarks (benchmarks/conftest.py).
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
@@ -42,8 +44,9 @@ if want profile && [ -n "$arch" ]; then
     step "exit head profile"
 fi
 
-if want kernels; then
-    timeout 300 $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py --benchmark-only \
+if want kernels; then  # (pytest-benchmark writes its JSON at the end: a run cut short by the timeout leaves none)
+    timeout ${KERNELS_S:-450} $python -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py --benchmark-only \
+        -k "${KERNEL_CASES:-exit_head or exit_block or ee_loss}" \
         --benchmark-max-time=0.2 --benchmark-json "$out/kernels.json" > "$out/kernels.log" 2>&1
     tail -1 "$out/kernels.log"
     [ -s "$out/kernels.json" ] && $python -m benchmarks.kernels_table "$out/kernels.json"
