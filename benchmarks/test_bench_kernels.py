@@ -71,7 +71,23 @@ def timed(benchmark, run):
 @pytest.mark.parametrize("kind", ["pool", "bnpool"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_exit_head(benchmark, record, dtype, kind, impl, passes):
-    batch, channels, size, classes = 256, 64, 8, 10
+    benchmark.group = f"exit_head {kind} {str(dtype).removeprefix('torch.')} {passes}"
+    exit_head_step(benchmark, record, dtype, kind, impl, passes, batch=256, channels=64, size=8, classes=10)
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_exit_head_large_heads(benchmark, record, impl, passes):
+    """A pool exit with 1000 classes at ResNet-18's last stage on 32x32 inputs (C=512, 4x4): heads
+    over HEADS_IN_KERNEL_MAX weights, which the fused path applies and differentiates with torch's
+    matrix products on the kernel's pooled features."""
+    benchmark.group = f"exit_head pool float32 C=512 4x4 K=1000 {passes}"
+    exit_head_step(benchmark, record, torch.float32, "pool", impl, passes, batch=256, channels=512, size=4,
+                   classes=1000)
+
+
+def exit_head_step(benchmark, record, dtype, kind, impl, passes, batch, channels, size, classes):
+    """timed_step of ops.exit_head (batch statistics for bnpool) on random inputs of this shape."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=g).cuda().to(dtype).requires_grad_()
     params = [torch.randn(*shape, generator=g).cuda().to(dtype).requires_grad_()
@@ -87,7 +103,6 @@ def test_exit_head(benchmark, record, dtype, kind, impl, passes):
     def head(x, *params):
         return ops.exit_head(x, kind, *params, bn, impl=impl)
 
-    benchmark.group = f"exit_head {kind} {str(dtype).removeprefix('torch.')} {passes}"
     record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl, passes=passes)
     timed_step(benchmark, head, [x, *params], passes, upstream_gradients_of(batch, classes, dtype, "cuda"))
 
