@@ -96,3 +96,19 @@ def test_kernels_table_names_a_group_without_its_pair():
     results = {"benchmarks": [{"group": "g", "extra_info": {"impl": "triton", "median_ms": 1.0, "peak_bytes": 1}}]}
     with pytest.raises(ValueError, match=r"expected a triton and a reference case in group 'g', got \['triton'\]"):
         kernels_table.comparisons(results)
+
+
+@pytest.mark.parametrize("kind", ["pool", "bnpool"])
+def test_profile_training_steps_run_on_the_cpu(kind):
+    """The profile's training steps (GPU-only as a script) so that they cannot rot: the step through
+    a head that launches nothing returns a gradient of every input's shape, on autograd's threads
+    or the calling thread, as the real step does."""
+    from benchmarks.profile_exit_head import autograd_floor_step, on_calling_thread
+    from benchmarks.workloads import exit_block_training_step
+
+    block = eefast.ExitBlock(8, 10, kind, impl="reference").train()
+    x = torch.randn(4, 8, 3, 3, requires_grad=True)
+    want = [t.shape for t in exit_block_training_step(block, x)()]
+    assert want == [t.shape for t in (x, *block.parameters())]
+    assert [t.shape for t in autograd_floor_step(block, x)()] == want
+    assert [t.shape for t in on_calling_thread(autograd_floor_step(block, x))()] == want
