@@ -27,9 +27,9 @@ the batch follows from dL/d (logits, confidence), the heads and the forward's pe
 without reading x: reduce programs (one per block of channels) write dL/d heads, dL/d biases and
 the batch norm's dL/d bias and weight (the batch sums of dL/dz and of dL/dz * x_hat), and one
 program per sample writes dL/dx. With batch statistics dL/dx needs those sums, so the reduce
-programs run first as a kernel of their own; otherwise they run in the same launch. Heads over HEADS_IN_KERNEL_MAX weights
-get their gradients and dL/d pooled from torch's matrix products instead (each per-sample program
-would read them all).
+programs run first as a kernel of their own; otherwise they run in the same launch. Heads over
+HEADS_IN_KERNEL_MAX weights get their gradients and dL/d pooled from torch's matrix products
+instead (each per-sample program would read them all).
 
 Inference (no autograd, no torch.compile) skips the custom op: ``exit_head_inference_launch``
 runs the forward kernel on the parameters as stored, one launch and nothing else; eager training
