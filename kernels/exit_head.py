@@ -606,6 +606,8 @@ def _exit_head_backward_kernel(
     tl.static_assert(BN or not BATCH_STATS, "batch statistics are batch norm's")
     tl.static_assert(not (REDUCE and BATCH_STATS), "with batch statistics dL/dx needs the reduce kernel's sums first")
     b = tl.program_id(0)
+    # (_grad_x_program called in two places, not once under `if (b < B) | (not REDUCE)`: that form, and
+    # the reduce branch first, spill 8 bytes on sm_90 in the fp32 7x7 pool backward; this one does not)
     if REDUCE:
         if b < B:
             _grad_x_program(b, B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr,
