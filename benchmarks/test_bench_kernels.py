@@ -79,8 +79,8 @@ def test_exit_head(benchmark, record, dtype, kind, impl, passes):
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_exit_head_large_heads(benchmark, record, impl, passes):
     """A pool exit with 1000 classes at ResNet-18's last stage on 32x32 inputs (C=512, 4x4): heads
-    over HEADS_IN_KERNEL_MAX weights, which the fused path applies and differentiates with torch's
-    matrix products on the kernel's pooled features."""
+    over HEADS_IN_KERNEL_MAX weights, which the fused path leaves to torch's linear layers on the
+    kernel's pooled features (exit_pool_fused)."""
     benchmark.group = f"exit_head pool float32 C=512 4x4 K=1000 {passes}"
     exit_head_step(benchmark, record, torch.float32, "pool", impl, passes, batch=256, channels=512, size=4,
                    classes=1000)
@@ -151,7 +151,22 @@ def test_exit_block_training_step(benchmark, record, dtype, kind, impl, mode):
     thread (torch.autograd.set_multithreading_enabled(False): autograd otherwise hands a GPU
     graph's backward to its worker thread and waits); or replayed from a CUDA graph of the whole
     step (device time: what the kernels cost, against eager PyTorch's kernels)."""
-    batch, channels, size, classes = 256, 64, 8, 10
+    benchmark.group = f"exit block training step {kind} {str(dtype).removeprefix('torch.')} {TRAINING_STEP_MODES[mode]}"
+    training_step_case(benchmark, record, dtype, kind, impl, mode, batch=256, channels=64, size=8, classes=10)
+
+
+@pytest.mark.parametrize("mode", ["call", "graph-replay"])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["pool", "bnpool"])
+def test_exit_block_training_step_large_heads(benchmark, record, kind, impl, mode):
+    """test_exit_block_training_step for 1000 classes at ResNet-18's last stage on 32x32 inputs
+    (C=512, 4x4, fp32): heads the kernels leave to torch's linear layers (exit_pool_fused)."""
+    benchmark.group = f"exit block training step {kind} float32 C=512 4x4 K=1000 {TRAINING_STEP_MODES[mode]}"
+    training_step_case(benchmark, record, torch.float32, kind, impl, mode, batch=256, channels=512, size=4,
+                       classes=1000)
+
+
+def training_step_case(benchmark, record, dtype, kind, impl, mode, batch, channels, size, classes):
     torch.manual_seed(0)
     block = eefast.ExitBlock(channels, classes, kind, impl=impl).cuda().to(dtype).train()
     x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype, requires_grad=True)
@@ -163,7 +178,6 @@ def test_exit_block_training_step(benchmark, record, dtype, kind, impl, mode):
             call()
         synchronize("cuda")
 
-    benchmark.group = f"exit block training step {kind} {str(dtype).removeprefix('torch.')} {TRAINING_STEP_MODES[mode]}"
     record("cuda", dtype, batch=batch, channels=channels, spatial=[size, size], classes=classes, impl=impl,
            passes="both", graphed=mode == "graph-replay", backward_thread="caller" if mode == "call-one-thread"
            else "autograd's device thread")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from eefast import _ext, reference
@@ -240,14 +241,34 @@ def exit_head(
         return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias, bn)
     normalizes = kind == "bnpool"  # only a bnpool exit normalises (and rectifies)
     bn = bn if normalizes else None
-    if kind == "plain":
-        x = x.contiguous().view(x.shape[0], -1, 1, 1)  # flatten in (C, H, W) order: C*H*W channels of one pixel
     heads = (cls_weight, cls_bias, conf_weight, conf_bias)
+    heads_in_kernel = _triton_head.heads_in_kernel(cls_weight.shape[0], features)
+    if kind == "plain":
+        if not heads_in_kernel:  # nothing to fuse: torch's linear layers on the flattened map, as the reference
+            return reference.exit_head(x, kind, cls_weight, cls_bias, conf_weight, conf_bias)
+        x = x.contiguous().view(x.shape[0], -1, 1, 1)  # flatten in (C, H, W) order: C*H*W channels of one pixel
+    outputs = _fused_head(x, heads if heads_in_kernel else None, bn, normalizes)
+    if heads_in_kernel:
+        return outputs
+    # heads the kernels' per-sample programs would each read whole: torch's linear layers (one matrix
+    # product each, and autograd's own backward for them) on the kernel's pooled features
+    pooled, = outputs
+    return F.linear(pooled, cls_weight, cls_bias), F.linear(pooled, conf_weight, conf_bias).squeeze(-1)
+
+
+def _fused_head(x: Tensor, heads: tuple[Tensor, ...] | None, bn: reference.BatchNormArgs | None,
+                normalizes: bool) -> tuple[Tensor, ...]:
+    """(logits, conf) from the fused head with ``heads`` applied in its kernels, or (pooled,) for
+    heads None; by one launch for inference, the custom op under torch.compile, the eager
+    autograd.Function otherwise."""
+    head_args = () if heads is None else heads
     batch_stats = bn is not None and (bn.training or bn.running_mean is None)
-    if _inference(x, heads, bn, batch_stats):
+    if _inference(x, head_args, bn, batch_stats):
         # one launch on the parameters as stored: without autograd or torch.compile watching, the
         # custom op around it would cost more host time than the kernel runs
         bn_stats = None if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        if heads is None:
+            return _triton_head.exit_pool_inference_launch(x, bn_stats, normalizes)
         return _triton_head.exit_head_inference_launch(x, *heads, bn_stats, normalizes)
     values_per_channel = x.numel() // max(x.shape[1], 1)
     if batch_stats and values_per_channel == 1:  # as F.batch_norm
@@ -259,19 +280,20 @@ def exit_head(
     update = batch_stats and bn.training and bn.running_mean is not None and values_per_channel > 0
     # (an empty batch leaves the running statistics, as nn.BatchNorm2d does)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op, which cannot update them itself
-        logits, conf, _, stats = _triton_head.exit_head_fused(x, *heads, *bn_args, batch_stats, normalizes)
+        op = _triton_head.exit_pool_fused if heads is None else _triton_head.exit_head_fused
+        *outputs, _, stats = op(x, *head_args, *bn_args, batch_stats, normalizes)
         if update:
             _update_running_stats(bn, stats)
-        return logits, conf
+        return tuple(outputs)
     # eager autograd skips the custom op's dispatch layers, and the statistics kernels update the
     # running statistics where they can
     fused_update = update and _triton_head.fused_running_update(bn.running_mean, bn.running_var)
     running_update = (bn.running_mean, bn.running_var, bn.momentum) if fused_update else None
-    logits, conf, _, stats = _triton_head.ExitHeadEager.apply(x, *heads, *bn_args, batch_stats, normalizes,
-                                                              running_update)
+    function = _triton_head.ExitPoolEager if heads is None else _triton_head.ExitHeadEager
+    *outputs, _, stats = function.apply(x, *head_args, *bn_args, batch_stats, normalizes, running_update)
     if update and not fused_update:
         _update_running_stats(bn, stats)
-    return logits, conf
+    return tuple(outputs)
 
 
 def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None, batch_stats: bool) -> bool:

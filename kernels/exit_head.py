@@ -1,8 +1,8 @@
 """Fused exit head: batch norm -> ReLU -> global average pool -> both linear heads, forward and backward.
 
-Top to bottom: the kernels, their launchers, the custom ops ``eefast::exit_head_fused`` (+ its
-backward) registered with fake kernels and autograd, and the same autograd formula as a
-``torch.autograd.Function`` for eager training.
+Top to bottom: the kernels, their launchers, the custom ops ``eefast::exit_head_fused`` and
+``eefast::exit_pool_fused`` (+ their backwards) registered with fake kernels and autograd, and the
+same autograd formulas as ``torch.autograd.Function``s for eager training.
 
 Forward: one program per sample reads its feature map once, channel block by channel block
 (NCHW or channels_last: any layout where h and w flatten into one stride), normalises it with
@@ -11,15 +11,16 @@ pools, and applies the class head [K, C] and the confidence head [1, C] as one [
 writing the class logits [B, K], the confidence logits [B] and, for the backward, float32
 per-sample rows [1 or 3, B, C]: the pooled features and, with batch norm, each channel's count of
 values the ReLU passes and the sum of their x_hat. Heads over HEADS_IN_KERNEL_MAX weights, which
-every program would read whole, are applied to the pooled features by torch's matrix products
-instead. A ``plain`` exit is the same kernel on x viewed as [B, C*H*W, 1, 1]. Inference and eval
-mode normalise with the running statistics; training mode with the batch's, from a statistics
-kernel (a program per channel, or per channel and part of the batch; in channels_last per block
-of channels and part of the positions), whose results the op returns. Split statistics are
-merged by the forward kernel itself where the parts are few against the map each of its programs
-reads, and by a merge kernel otherwise. The running statistics are updated as nn.BatchNorm2d
-does: by the statistics kernels themselves in eager mode, by eefast.ops after the op under
-torch.compile.
+every program would read whole, are not the kernels' (``exit_pool_fused``): the forward writes the
+pooled features [B, C] in x's dtype (and the per-sample sums without the pooled row), and torch's
+linear layers apply the heads (eefast.ops), autograd their gradients. A ``plain`` exit is the
+same kernel on x viewed as [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running
+statistics; training mode with the batch's, from a statistics kernel (a program per channel, or
+per channel and part of the batch; in channels_last per block of channels and part of the
+positions), whose results the op returns. Split statistics are merged by the forward kernel
+itself where the parts are few against the map each of its programs reads, and by a merge kernel
+otherwise. The running statistics are updated as nn.BatchNorm2d does: by the statistics kernels
+themselves in eager mode, by eefast.ops after the op under torch.compile.
 
 Backward, one launch, or two with batch statistics. Within a sample and channel dL/dz (z the
 normalised input of the ReLU) is dL/d pooled / HW wherever the ReLU passes, so every sum over
@@ -27,13 +28,13 @@ the batch follows from dL/d (logits, confidence), the heads and the forward's pe
 without reading x: reduce programs (one per block of channels) write dL/d heads, dL/d biases and
 the batch norm's dL/d bias and weight (the batch sums of dL/dz and of dL/dz * x_hat), and one
 program per sample writes dL/dx. With batch statistics dL/dx needs those sums, so the reduce
-programs run first as a kernel of their own; otherwise they run in the same launch. Heads over
-HEADS_IN_KERNEL_MAX weights get their gradients and dL/d pooled from torch's matrix products
-instead (each per-sample program would read them all).
+programs run first as a kernel of their own; otherwise they run in the same launch. Without the
+heads (exit_pool_fused) dL/d pooled is the backward's input.
 
-Inference (no autograd, no torch.compile) skips the custom op: ``exit_head_inference_launch``
-runs the forward kernel on the parameters as stored, one launch and nothing else; eager training
-runs ``ExitHeadEager``, the custom op's formula without the dispatcher's layers around each call.
+Inference (no autograd, no torch.compile) skips the custom ops: ``exit_head_inference_launch``
+(``exit_pool_inference_launch``) runs the forward kernel on the parameters as stored, one launch
+and nothing else; eager training runs ``ExitHeadEager`` (``ExitPoolEager``), the custom op's
+formula without the dispatcher's layers around each call.
 
 Arithmetic is in float32 (float64 for float64 inputs).
 
@@ -348,17 +349,19 @@ def _exit_head_forward_kernel(
     stats_ptr,  # [3, C] out (MERGE, program 0): the batch's mean, biased and unbiased variance
     running_mean_ptr,  # [C] updated in place (MERGE and UPDATE, program 0)
     running_var_ptr,  # [C] updated in place (MERGE and UPDATE, program 0)
-    logits_ptr,  # [B, K] out (HEADS_IN_KERNEL)
+    logits_ptr,  # [B, K] out (HEADS_IN_KERNEL); without the heads [B, C] out, contiguous: the pooled features
+    #              in its dtype (exit_pool_fused)
     conf_ptr,  # [B] out (HEADS_IN_KERNEL)
-    per_sample_ptr,  # [1 or 3, B, C] out, contiguous, float32/64: pooled; (BN_SUMS) passed count, x_hat sum
+    per_sample_ptr,  # [1 or 3, B, C] out, contiguous, float32/64: pooled, which the heads read back; (BN_SUMS) passed
+    #                  count, x_hat sum. Without the heads [2 or 0, B, C]: the sums alone
     C, HW, K, S, stride_b, stride_c, stride_hw, eps, momentum_hi, momentum_lo,
     BN: tl.constexpr, RELU: tl.constexpr, BN_SUMS: tl.constexpr, MERGE: tl.constexpr, UPDATE: tl.constexpr,
     HEADS_IN_KERNEL: tl.constexpr, LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """One program per sample: the pooled features, then (HEADS_IN_KERNEL) both heads on them; heads
-    too large to read once per sample are left to a matrix product after the kernel (the
-    launcher's). With BN_SUMS it also writes, per channel, what the batch norm's
+    too large to read once per sample are left to torch's linear layers on pooled_ptr
+    (eefast.ops.exit_head). With BN_SUMS it also writes, per channel, what the batch norm's
     gradients need of x: how many values the ReLU passes and the sum of their x_hat. With MERGE
     each program merges the batch statistics from the split statistics kernel's partials itself
     (a launch fewer than the merge kernel), and program 0 writes them (and with UPDATE updates the
@@ -367,7 +370,14 @@ def _exit_head_forward_kernel(
     tl.static_assert(BN or not MERGE, "the statistics are batch norm's")
     b = tl.program_id(0)
     x_row = x_ptr + b.to(tl.int64) * stride_b
-    pooled_ptr = per_sample_ptr
+    # (the pooled features' pointer is one of these, not one more argument: that one spills 8 bytes on
+    # sm_90 in the fp32 8x8 forward that merges the statistics)
+    if HEADS_IN_KERNEL:
+        pooled_ptr = per_sample_ptr
+        sums_ptr = per_sample_ptr + tl.num_programs(0) * C
+    else:
+        pooled_ptr = logits_ptr
+        sums_ptr = per_sample_ptr
     # 1. pool the (normalised, rectified) feature map, channel block by channel block
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
@@ -401,11 +411,11 @@ def _exit_head_forward_kernel(
                 passed_count += tl.sum(passed.to(COMPUTE), axis=1)
                 x_hat = (x.to(COMPUTE) - mean[:, None]) * rstd[:, None]
                 passed_x_hat += tl.sum(tl.where(passed, x_hat, 0.0), axis=1)
-        tl.store(pooled_ptr + b * C + channels, total / HW, mask=c_mask)
+        tl.store(pooled_ptr + b * C + channels, (total / HW).to(pooled_ptr.dtype.element_ty), mask=c_mask)
         if BN_SUMS:
             rows = tl.num_programs(0) * C
-            tl.store(per_sample_ptr + rows + b * C + channels, passed_count, mask=c_mask)
-            tl.store(per_sample_ptr + 2 * rows + b * C + channels, passed_x_hat, mask=c_mask)
+            tl.store(sums_ptr + b * C + channels, passed_count, mask=c_mask)
+            tl.store(sums_ptr + rows + b * C + channels, passed_x_hat, mask=c_mask)
     if HEADS_IN_KERNEL:
         _heads_forward(pooled_ptr + b * C, cls_weight_ptr, cls_bias_ptr, conf_weight_ptr, conf_bias_ptr,
                        logits_ptr + b * K, conf_ptr + b, C, K, BLOCK_C, BLOCK_K, COMPUTE)
@@ -520,6 +530,10 @@ def _reduce_program(pid, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_we
                      mask=k_mask[:, None] & c_mask[None, :])
             tl.store(grad_bias_ptr + rows, bias.to(grad_bias_ptr.dtype.element_ty), mask=k_mask & (pid == 0))
     if BN:
+        if HEADS_IN_KERNEL:  # (rows 1 and 2 of per_sample; without the heads it holds the sums alone)
+            sums_ptr = per_sample_ptr + B * C
+        else:
+            sums_ptr = per_sample_ptr
         sum_g = tl.zeros([BLOCK_C], COMPUTE)
         sum_g_xhat = tl.zeros([BLOCK_C], COMPUTE)
         for b0 in range(0, B, BLOCK_B):
@@ -533,8 +547,8 @@ def _reduce_program(pid, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_we
                                          COMPUTE)  # [BLOCK_B, BLOCK_C]
             else:
                 grad_pool = tl.load(grad_pooled_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-            passed_count = tl.load(per_sample_ptr + B * C + offsets, mask=mask, other=0.0)
-            passed_x_hat = tl.load(per_sample_ptr + 2 * B * C + offsets, mask=mask, other=0.0)
+            passed_count = tl.load(sums_ptr + offsets, mask=mask, other=0.0)
+            passed_x_hat = tl.load(sums_ptr + B * C + offsets, mask=mask, other=0.0)
             sum_g += tl.sum(grad_pool * passed_count, axis=0)
             sum_g_xhat += tl.sum(grad_pool * passed_x_hat, axis=0)
         tl.store(totals_ptr + channels, (sum_g / HW).to(totals_ptr.dtype.element_ty), mask=c_mask)
@@ -553,7 +567,8 @@ def _exit_head_reduce_kernel(
     grad_conf_ptr,  # [B] stride gc_stride
     cls_weight_ptr,  # [K, C] contiguous (HEADS_IN_KERNEL)
     conf_weight_ptr,  # [1, C] (HEADS_IN_KERNEL)
-    per_sample_ptr,  # [1 or 3, B, C] contiguous, float32/64, from the forward: pooled; (BN) passed count, x_hat sum
+    per_sample_ptr,  # [1 or 3, B, C] contiguous, float32/64, from the forward: pooled; (BN) passed count, x_hat sum.
+    #                  Without the heads [2 or 0, B, C]: the sums alone
     grad_weight_ptr,  # [K+1, C] out (HEADS_IN_KERNEL): dL/d heads (rows 0..K-1 the class head, row K the confidence)
     grad_bias_ptr,  # [K+1] out (HEADS_IN_KERNEL)
     totals_ptr,  # [2, C] out (BN): batch sums of dL/dz and of dL/dz * x_hat, = dL/d (batch-norm bias, weight)
@@ -588,7 +603,7 @@ def _exit_head_backward_kernel(
     bn_bias_ptr,  # [C] (BN)
     mean_ptr,  # [C] (BN)
     var_ptr,  # [C] (BN)
-    per_sample_ptr,  # [1 or 3, B, C] from the forward (REDUCE)
+    per_sample_ptr,  # [1 or 3, B, C] from the forward (REDUCE), or [2 or 0, B, C] without the heads
     grad_weight_ptr,  # [K+1, C] out (REDUCE and HEADS_IN_KERNEL)
     grad_bias_ptr,  # [K+1] out (REDUCE and HEADS_IN_KERNEL)
     totals_ptr,  # [2, C]: batch sums of dL/dz and of dL/dz * x_hat; read (BATCH_STATS, from the reduce kernel) or
@@ -774,22 +789,39 @@ def _reduce_blocks(batch: int, channels: int, heads: int) -> tuple[int, int, int
     return block_b, block_c, block_k
 
 
-def _check(x: Tensor, cls_weight: Tensor, cls_bias: Tensor, conf_weight: Tensor, conf_bias: Tensor,
-           bn_tensors: tuple[Tensor | None, ...] = ()) -> None:
+def _check(x: Tensor, heads: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+           bn_tensors: tuple[Tensor | None, ...] = (), op: str = "exit_head_fused") -> None:
+    """Raises ValueError naming what ``op`` expected of x [B, C, H, W], the heads (None for the
+    exit_pool ops) and the batch norm's [C] tensors, and what it was given."""
     if x.dim() != 4:
-        raise ValueError(f"exit_head_fused: expected x of shape [B, C, H, W], got {list(x.shape)}")
+        raise ValueError(f"{op}: expected x of shape [B, C, H, W], got {list(x.shape)}")
     channels = x.shape[1]
+    for tensor in bn_tensors:
+        if tensor is not None and tensor.shape != (channels,):
+            raise ValueError(f"{op}: expected batch-norm tensors of shape [{channels}], got {list(tensor.shape)}")
+    if heads is None:
+        return
+    cls_weight, cls_bias, conf_weight, conf_bias = heads
     if cls_weight.dim() != 2 or cls_weight.shape[1] != channels or cls_bias.shape != (cls_weight.shape[0],):
         raise ValueError(
-            f"exit_head_fused: expected cls_weight [K, {channels}] and cls_bias [K], got {list(cls_weight.shape)} "
+            f"{op}: expected cls_weight [K, {channels}] and cls_bias [K], got {list(cls_weight.shape)} "
             f"and {list(cls_bias.shape)}"
         )
     if conf_weight.shape != (1, channels) or conf_bias.shape != (1,):
-        raise ValueError(f"exit_head_fused: expected conf_weight [1, {channels}] and conf_bias [1], "
+        raise ValueError(f"{op}: expected conf_weight [1, {channels}] and conf_bias [1], "
                          f"got {list(conf_weight.shape)} and {list(conf_bias.shape)}")
-    for tensor in bn_tensors:
-        if tensor is not None and tensor.shape != (channels,):
-            raise ValueError(f"exit_head_fused: expected batch-norm tensors of shape [{channels}], got {list(tensor.shape)}")
+    if not heads_in_kernel(cls_weight.shape[0], channels):
+        raise ValueError(
+            f"{op}: expected heads of at most HEADS_IN_KERNEL_MAX = {HEADS_IN_KERNEL_MAX} weights ((K+1) * C), got "
+            f"{(cls_weight.shape[0] + 1) * channels} (K={cls_weight.shape[0]}, C={channels}); larger heads go to "
+            f"torch's linear layers on exit_pool_fused's pooled features, as eefast.ops.exit_head does"
+        )
+
+
+def heads_in_kernel(classes: int, channels: int) -> bool:
+    """Whether heads of K classes on C channels are applied (and differentiated) in the kernels:
+    at most HEADS_IN_KERNEL_MAX weights (read module-wide, so tests can lower it)."""
+    return (classes + 1) * channels <= HEADS_IN_KERNEL_MAX
 
 
 def _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var):
@@ -806,35 +838,40 @@ def _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var):
     return (bn_weight, bn_bias, x, x) if mean is None else (bn_weight, bn_bias, mean, var)
 
 
-def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu, bn_sums,
-             merge=None):
-    """(logits [B, K], conf [B], per_sample [1 or 3, B, C]); batch norm with (mean, var) unless mean
-    is None. Heads over HEADS_IN_KERNEL_MAX weights are applied to the pooled features by torch's
-    matrix products after the kernel. per_sample[0] is the pooled features; with ``bn_sums`` (batch norm only) per_sample[1]
-    and [2] are, per sample and channel, the count of values the ReLU passes and the sum of their
-    x_hat, which the backward's batch-norm sums are made of. With ``merge = (partials, stats,
-    running_update, momentum)`` the kernel merges the batch statistics from the partials (mean and
-    var are then unread), writes them into stats and applies running_update, its momentum as two
-    float32s (see _launch_statistics)."""
+def _forward(x, heads, bn_weight, bn_bias, mean, var, eps, relu, bn_sums, merge=None):
+    """(outputs, per_sample). With heads = (cls_weight, cls_bias, conf_weight, conf_bias) the
+    kernel applies them: outputs are (logits [B, K], conf [B]), and per_sample [1 or 3, B, C]
+    holds in row 0 the pooled features in the compute dtype, which the backward's head gradients
+    read; with heads None (the exit_pool ops) outputs are (pooled [B, C],) in x's dtype, and
+    per_sample [2 or 0, B, C] lacks that row. Batch norm with (mean, var) unless mean is None. With
+    ``bn_sums`` (batch norm only) per_sample's last two rows are, per sample and channel, the count
+    of values the ReLU passes and the sum of their x_hat, which the backward's batch-norm sums are
+    made of. With ``merge =
+    (partials, stats, running_update, momentum)`` the kernel merges the batch statistics from the
+    partials (mean and var are then unread), writes them into stats and applies running_update,
+    its momentum as two float32s (see _launch_statistics)."""
     batch, channels, height, width = x.shape
-    classes = cls_weight.shape[0]
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = compute_dtype(x.dtype)
     out_dtype = written_dtype(x.dtype)
-    heads_in_kernel = (classes + 1) * channels <= HEADS_IN_KERNEL_MAX
-    if heads_in_kernel:
+    rows = (3 if bn_sums else 1) if heads is not None else (2 if bn_sums else 0)  # (pooled in row 0 with heads)
+    per_sample = torch.empty(rows, batch, channels, dtype=compute, device=x.device)
+    if heads is None:
+        logits = torch.empty(batch, channels, dtype=out_dtype, device=x.device)  # the pooled features
+        conf = cls_weight = cls_bias = conf_weight = conf_bias = logits  # unwritten, unread
+        classes = 0
+    else:
+        cls_weight, cls_bias, conf_weight, conf_bias = heads
+        cls_weight, cls_bias = cls_weight.contiguous(), cls_bias.contiguous()  # (no copy when they are)
+        conf_weight, conf_bias = conf_weight.contiguous(), conf_bias.contiguous()
+        classes = cls_weight.shape[0]
         logits = torch.empty(batch, classes, dtype=out_dtype, device=x.device)
         conf = torch.empty(batch, dtype=out_dtype, device=x.device)
-    else:
-        logits = conf = x  # unwritten: the matrix products below
-    per_sample = torch.empty(3 if bn_sums else 1, batch, channels, dtype=compute, device=x.device)
     if batch > 0:
         layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
         block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
         bn = mean is not None or merge is not None
         bn_tensors = _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var)
-        cls_weight, cls_bias = cls_weight.contiguous(), cls_bias.contiguous()  # (no copy when they are)
-        conf_weight, conf_bias = conf_weight.contiguous(), conf_bias.contiguous()
         if merge is None:
             partials = stats = running_mean = running_var = per_sample  # unread
             splits, block_s, update, momentum = 0, 1, False, (0.0, 0.0)
@@ -846,23 +883,20 @@ def _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias
             running_mean, running_var = running_update[:2] if update else (stats, stats)
         key = (x.dtype, cls_weight.dtype, cls_bias.dtype, conf_weight.dtype, conf_bias.dtype,
                *(t.dtype for t in bn_tensors), running_mean.dtype, running_var.dtype, out_dtype, bn, relu, bn_sums,
-               merge is not None, update, heads_in_kernel, layout, vec, block_c, block_hw, block_k, block_s)
+               merge is not None, update, heads is not None, layout, vec, block_c, block_hw, block_k, block_s)
         _launch_forward(
             key, (batch,),
             (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, partials, stats, running_mean, running_var,
              logits, conf, per_sample, channels, height * width, classes, splits, stride_b, stride_c, stride_hw,
              float(eps), *momentum),
             dict(BN=bn, RELU=relu, BN_SUMS=bn_sums, MERGE=merge is not None, UPDATE=update,
-                 HEADS_IN_KERNEL=heads_in_kernel, LAYOUT=layout, VEC=vec, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                 HEADS_IN_KERNEL=heads is not None, LAYOUT=layout, VEC=vec, BLOCK_C=block_c, BLOCK_HW=block_hw,
                  BLOCK_K=block_k, BLOCK_S=block_s, COMPUTE=tl_dtype(compute)),
         )
-    if not heads_in_kernel:  # in the compute dtype, as the kernel would
-        pooled = per_sample[0]
-        logits = torch.addmm(cls_bias.to(compute), pooled, cls_weight.to(compute).t())
-        conf = torch.addmm(conf_bias.to(compute), pooled, conf_weight.to(compute).t()).view(batch)
-    if logits.dtype != x.dtype:
-        logits, conf = logits.to(x.dtype), conf.to(x.dtype)
-    return logits, conf, per_sample
+    outputs = (logits,) if heads is None else (logits, conf)
+    if out_dtype != x.dtype:  # (the interpreter's bfloat16: see written_dtype)
+        outputs = tuple(t.to(x.dtype) for t in outputs)
+    return outputs, per_sample
 
 
 def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_stats, relu):
@@ -870,10 +904,18 @@ def exit_head_inference_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, 
     batch norm's eval-mode state ``bn_stats = (weight, bias, running_mean, running_var, eps)`` (or
     None) folded in the kernel. One launch and no other work: nothing to fold again when the
     parameters change, and a CUDA graph of it reads the parameters themselves."""
+    return _inference_launch(x, (cls_weight, cls_bias, conf_weight, conf_bias), bn_stats, relu, "exit_head_fused")
+
+
+def exit_pool_inference_launch(x, bn_stats, relu):
+    """(pooled [B, C],) for inference, as exit_head_inference_launch without the heads."""
+    return _inference_launch(x, None, bn_stats, relu, "exit_pool_fused")
+
+
+def _inference_launch(x, heads, bn_stats, relu, op):
     bn_weight, bn_bias, mean, var, eps = (None, None, None, None, 0.0) if bn_stats is None else bn_stats
-    _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, mean, var))
-    return _forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu,
-                    False)[:2]
+    _check(x, heads, (bn_weight, bn_bias, mean, var), op)
+    return _forward(x, heads, bn_weight, bn_bias, mean, var, eps, relu, False)[0]
 
 
 def _launch_statistics(x: Tensor, running_update: tuple[Tensor, Tensor, float] | None
@@ -963,7 +1005,21 @@ def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn
     only): see batch_stats_launch. Where the statistics kernel splits its work and the partials
     are few against each sample's map (_merge_in_forward), the forward kernel merges them itself:
     two launches, not three."""
-    _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
+    return _forward_launch(x, (cls_weight, cls_bias, conf_weight, conf_bias), bn_weight, bn_bias, running_mean,
+                           running_var, eps, batch_stats, relu, running_update, "exit_head_fused")
+
+
+def exit_pool_forward_launch(x, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu,
+                             running_update=None):
+    """(pooled [B, C] in x's dtype, per_sample [2 or 0, B, C] (see _forward), batch statistics):
+    exit_head_forward_launch without the heads, which the caller applies to pooled."""
+    return _forward_launch(x, None, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu,
+                           running_update, "exit_pool_fused")
+
+
+def _forward_launch(x, heads, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu, running_update,
+                    op):
+    _check(x, heads, (bn_weight, bn_bias, running_mean, running_var), op)
     merge = None
     if not batch_stats:
         mean, var = running_mean, running_var
@@ -980,54 +1036,74 @@ def exit_head_forward_launch(x, cls_weight, cls_bias, conf_weight, conf_bias, bn
             if partials is not None:
                 _launch_merge(x, partials, stats, running_update, momentum)
             mean, var = stats[0], stats[1]
-    return (*_forward(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, mean, var, eps, relu,
-                      batch_stats or mean is not None, merge), stats)
+    outputs, per_sample = _forward(x, heads, bn_weight, bn_bias, mean, var, eps, relu, batch_stats or mean is not None,
+                                   merge)
+    return (*outputs, per_sample, stats)
 
 
 def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var,
                               per_sample, eps, batch_stats, relu):
     """(dL/dx in x's layout, dL/d heads [K+1, C], dL/d biases [K+1], dL/d batch-norm (bias, weight)
-    [2, C] or [0, C] without batch norm), from the forward's per_sample [1 or 3, B, C]. With batch
-    statistics two launches: the reduce kernel (every sum over the batch), then the per-sample
-    kernel (dL/dx, which needs those sums); otherwise one, the per-sample kernel with the reduce
-    kernel's programs appended. Heads over HEADS_IN_KERNEL_MAX weights take their gradients and
-    dL/d pooled from torch's matrix products instead."""
+    [2, C] or [0, C] without batch norm), from the forward's per_sample [1 or 3, B, C]: see
+    _backward_launch."""
+    classes, channels = cls_weight.shape[0], x.shape[1]
+    param_dtype = written_dtype(cls_weight.dtype)
+    grad_weight = torch.empty(classes + 1, channels, dtype=param_dtype, device=x.device)
+    grad_bias = torch.empty(classes + 1, dtype=param_dtype, device=x.device)
+    heads = (grad_logits, grad_conf, cls_weight.contiguous(), conf_weight.contiguous(), grad_weight, grad_bias)
+    grad_x, grad_bn = _backward_launch(heads, per_sample, x, bn_weight, bn_bias, mean, var, per_sample, eps,
+                                       batch_stats, relu)
+    if grad_weight.dtype != cls_weight.dtype:  # (the interpreter's bfloat16; a same-dtype .to costs ~1 us)
+        grad_weight, grad_bias = grad_weight.to(cls_weight.dtype), grad_bias.to(cls_weight.dtype)
+    return grad_x, grad_weight, grad_bias, grad_bn
+
+
+def exit_pool_backward_launch(grad_pooled, x, bn_weight, bn_bias, mean, var, per_sample, eps, batch_stats, relu):
+    """(dL/dx in x's layout, dL/d batch-norm (bias, weight) [2 or 0, C]) from dL/d pooled [B, C]
+    and the forward's per_sample: see _backward_launch."""
+    return _backward_launch(None, grad_pooled.contiguous(), x, bn_weight, bn_bias, mean, var, per_sample, eps,
+                            batch_stats, relu)
+
+
+def _backward_launch(heads, grad_pooled, x, bn_weight, bn_bias, mean, var, per_sample, eps, batch_stats, relu):
+    """(dL/dx, dL/d batch-norm (bias, weight) [2 or 0, C]), and with ``heads = (grad_logits,
+    grad_conf, cls_weight, conf_weight, grad_weight [K+1, C], grad_bias [K+1])`` dL/d heads and
+    biases written into the last two, dL/d pooled following from the first two in the kernels;
+    without (heads None) dL/d pooled is ``grad_pooled`` [B, C], contiguous. With batch statistics
+    two launches: the reduce kernel (every sum over the batch), then the per-sample kernel (dL/dx,
+    which needs those sums); otherwise one, the per-sample kernel with the reduce kernel's
+    programs appended (none at all for a pool exit without heads)."""
     batch, channels, height, width = x.shape
-    classes = cls_weight.shape[0]
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = per_sample.dtype
     bn = mean is not None
     grad_x = torch.empty_strided(x.shape, x.stride(), dtype=written_dtype(x.dtype), device=x.device)
     totals = torch.empty((2 if bn else 0, channels), dtype=compute, device=x.device)
-    heads_in_kernel = (classes + 1) * channels <= HEADS_IN_KERNEL_MAX
-    param_dtype = written_dtype(cls_weight.dtype)
-    if heads_in_kernel:
-        grad_pooled = per_sample  # unread
-        grad_weight = torch.empty(classes + 1, channels, dtype=param_dtype, device=x.device)
-        grad_bias = torch.empty(classes + 1, dtype=param_dtype, device=x.device)
-    else:
-        grad_out = torch.cat([grad_logits, grad_conf[:, None]], dim=1).to(compute)  # [B, K+1]
-        grad_pooled = grad_out @ torch.cat([cls_weight, conf_weight]).to(compute)  # [B, C]
-        grad_weight = (grad_out.t() @ per_sample[0]).to(cls_weight.dtype)
-        grad_bias = grad_out.sum(0).to(cls_weight.dtype)
+    in_kernel = heads is not None
+    if in_kernel:
+        grad_logits, grad_conf, cls_weight, conf_weight, grad_weight, grad_bias = heads
+        classes = cls_weight.shape[0]
+        head_strides = (grad_logits.stride(0), grad_logits.stride(1), grad_conf.stride(0))
+    else:  # (unread, unwritten)
+        grad_logits = grad_conf = cls_weight = conf_weight = grad_weight = grad_bias = grad_pooled
+        classes, head_strides = 0, (0, 0, 0)
     if batch == 0:
-        grad_weight.zero_()
-        grad_bias.zero_()
+        if in_kernel:
+            grad_weight.zero_()
+            grad_bias.zero_()
         totals.zero_()
     else:
-        cls_weight, conf_weight = cls_weight.contiguous(), conf_weight.contiguous()
-        head_strides = (grad_logits.stride(0), grad_logits.stride(1), grad_conf.stride(0))
-        reduce = heads_in_kernel or bn  # (sums over the batch to make)
+        reduce = in_kernel or bn  # (sums over the batch to make)
         reduce_b, reduce_c, reduce_k = _reduce_blocks(batch, channels, classes + 1) if reduce else (1, 1, 1)
         reduce_programs = -(-channels // reduce_c)  # cdiv (triton.cdiv takes 1.5 us of host time)
         if batch_stats:  # dL/dx needs the sums: the reduce kernel first
             _launch_reduce(
-                (grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, compute, grad_weight.dtype,
-                 grad_bias.dtype, bn, heads_in_kernel, reduce_b, reduce_c, reduce_k),
+                (grad_pooled.dtype, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, compute,
+                 grad_weight.dtype, grad_bias.dtype, bn, in_kernel, reduce_b, reduce_c, reduce_k),
                 (reduce_programs,),
                 (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, per_sample, grad_weight, grad_bias,
                  totals, batch, channels, height * width, classes, *head_strides),
-                dict(BN=bn, HEADS_IN_KERNEL=heads_in_kernel, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_K=reduce_k,
+                dict(BN=bn, HEADS_IN_KERNEL=in_kernel, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_K=reduce_k,
                      COMPUTE=tl_dtype(compute)),
             )
         fused_reduce = reduce and not batch_stats  # the sums by programs of the same launch
@@ -1035,26 +1111,28 @@ def exit_head_backward_launch(grad_logits, grad_conf, x, cls_weight, conf_weight
         block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
         bn_tensors = _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var)
         _launch_backward(
-            (compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, x.dtype,
-             *(t.dtype for t in bn_tensors), grad_weight.dtype, grad_bias.dtype, grad_x.dtype, bn, relu, batch_stats,
-             heads_in_kernel, layout, vec, block_c, block_hw, block_k, fused_reduce, reduce_b, reduce_c, reduce_k),
+            (grad_pooled.dtype, compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype,
+             x.dtype, *(t.dtype for t in bn_tensors), grad_weight.dtype, grad_bias.dtype, grad_x.dtype, bn, relu,
+             batch_stats, in_kernel, layout, vec, block_c, block_hw, block_k, fused_reduce, reduce_b, reduce_c,
+             reduce_k),
             (batch + reduce_programs if fused_reduce else batch,),
             (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, x, *bn_tensors, per_sample, grad_weight,
              grad_bias, totals, grad_x, batch, channels, height * width, classes, stride_b, stride_c, stride_hw,
              *head_strides, float(eps)),
-            dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, HEADS_IN_KERNEL=heads_in_kernel, LAYOUT=layout, VEC=vec,
+            dict(BN=bn, RELU=relu, BATCH_STATS=batch_stats, HEADS_IN_KERNEL=in_kernel, LAYOUT=layout, VEC=vec,
                  BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_K=block_k, REDUCE=fused_reduce, REDUCE_B=reduce_b,
                  REDUCE_C=reduce_c, REDUCE_K=reduce_k, COMPUTE=tl_dtype(compute)),
         )
     grad_bn = totals if bn_weight is None or totals.dtype == bn_weight.dtype else totals.to(bn_weight.dtype)
     if grad_x.dtype != x.dtype:  # (the interpreter's bfloat16: see written_dtype; a same-dtype .to costs ~1 us)
         grad_x = grad_x.to(x.dtype)
-    if grad_weight.dtype != cls_weight.dtype:
-        grad_weight, grad_bias = grad_weight.to(cls_weight.dtype), grad_bias.to(cls_weight.dtype)
-    return grad_x, grad_weight, grad_bias, grad_bn
+    return grad_x, grad_bn
 
 
 # ---- the ops ---------------------------------------------------------------------------------
+# eefast::exit_head_fused applies heads of up to HEADS_IN_KERNEL_MAX weights in the kernels;
+# eefast::exit_pool_fused stops at the pooled features, for larger heads, which torch's linear
+# layers apply (eefast.ops.exit_head): each per-sample program would read them all.
 
 
 @torch.library.custom_op("eefast::exit_head_fused", mutates_args=())
@@ -1073,12 +1151,17 @@ def exit_head_fused(
 @exit_head_fused.register_fake
 def _(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, running_mean, running_var, eps,
       batch_stats, relu):
-    _check(x, cls_weight, cls_bias, conf_weight, conf_bias, (bn_weight, bn_bias, running_mean, running_var))
+    _check(x, (cls_weight, cls_bias, conf_weight, conf_bias), (bn_weight, bn_bias, running_mean, running_var))
+    batch = x.shape[0]
+    return (x.new_empty(batch, cls_weight.shape[0]), x.new_empty(batch),
+            *_fake_per_sample_and_stats(x, True, batch_stats or running_mean is not None, batch_stats))
+
+
+def _fake_per_sample_and_stats(x, heads, bn, batch_stats):
     batch, channels = x.shape[:2]
     compute = compute_dtype(x.dtype)
-    bn = batch_stats or running_mean is not None
-    return (x.new_empty(batch, cls_weight.shape[0]), x.new_empty(batch),
-            x.new_empty(3 if bn else 1, batch, channels, dtype=compute),
+    rows = (3 if bn else 1) if heads else (2 if bn else 0)  # (as _forward's)
+    return (x.new_empty(rows, batch, channels, dtype=compute),
             x.new_empty(3 if batch_stats else 0, channels, dtype=compute))
 
 
@@ -1097,22 +1180,70 @@ def exit_head_fused_backward(
 @exit_head_fused_backward.register_fake
 def _(grad_logits, grad_conf, x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, per_sample, eps, batch_stats,
       relu):
-    grad_x = torch.empty_strided(x.shape, _flat_strides(x)[0].stride(), dtype=x.dtype, device=x.device)
     heads = cls_weight.shape[0] + 1
-    channels = x.shape[1]
+    grad_x, grad_bn = _fake_grad_x_and_bn(x, bn_weight, mean, per_sample)
+    return grad_x, cls_weight.new_empty(heads, x.shape[1]), cls_weight.new_empty(heads), grad_bn
+
+
+def _fake_grad_x_and_bn(x, bn_weight, mean, per_sample):
+    grad_x = torch.empty_strided(x.shape, _flat_strides(x)[0].stride(), dtype=x.dtype, device=x.device)
     bn_dtype = bn_weight.dtype if bn_weight is not None else per_sample.dtype
-    return (grad_x, cls_weight.new_empty(heads, channels), cls_weight.new_empty(heads),
-            per_sample.new_empty((2 if mean is not None else 0, channels), dtype=bn_dtype))
+    return grad_x, per_sample.new_empty((2 if mean is not None else 0, x.shape[1]), dtype=bn_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, cls_weight, _, conf_weight, _, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = inputs
-    _, _, per_sample, stats = output
+@torch.library.custom_op("eefast::exit_pool_fused", mutates_args=())
+def exit_pool_fused(
+    x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, eps: float, batch_stats: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(pooled [B, C] in x's dtype, per_sample [2 or 0, B, C], batch statistics [3, C] or [0, C])
+    of relu?(batch_norm?(x)) pooled: exit_head_fused without the heads. With batch norm
+    per_sample is what its gradients need of x (see exit_head_forward_launch)."""
+    return exit_pool_forward_launch(x, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu)
+
+
+@exit_pool_fused.register_fake
+def _(x, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu):
+    _check(x, None, (bn_weight, bn_bias, running_mean, running_var), "exit_pool_fused")
+    return (x.new_empty(x.shape[:2]),
+            *_fake_per_sample_and_stats(x, False, batch_stats or running_mean is not None, batch_stats))
+
+
+@torch.library.custom_op("eefast::exit_pool_fused_backward", mutates_args=())
+def exit_pool_fused_backward(
+    grad_pooled: Tensor, x: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, mean: Tensor | None,
+    var: Tensor | None, per_sample: Tensor, eps: float, batch_stats: bool, relu: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dL/dx in x's layout, dL/d batch-norm (bias, weight) [2, C], or [0, C] without batch norm),
+    given dL/d pooled [B, C] and the forward's per_sample."""
+    return exit_pool_backward_launch(grad_pooled, x, bn_weight, bn_bias, mean, var, per_sample, eps, batch_stats,
+                                     relu)
+
+
+@exit_pool_fused_backward.register_fake
+def _(grad_pooled, x, bn_weight, bn_bias, mean, var, per_sample, eps, batch_stats, relu):
+    return _fake_grad_x_and_bn(x, bn_weight, mean, per_sample)
+
+
+def _save_for_backward(ctx, x, heads, bn_inputs, per_sample, stats):
+    """Saves x, the heads' weights (heads = (cls_weight, conf_weight), or () for exit_pool_fused),
+    the batch norm's weight and bias, the statistics it normalised with, and per_sample."""
+    bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = bn_inputs
     mean, var = (stats[0], stats[1]) if batch_stats else (running_mean, running_var)
     ctx.eps, ctx.batch_stats, ctx.relu = eps, batch_stats, relu
     ctx.has_bn_weight, ctx.has_bn_bias = bn_weight is not None, bn_bias is not None
-    ctx.save_for_backward(x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var, per_sample)
+    ctx.save_for_backward(x, *heads, bn_weight, bn_bias, mean, var, per_sample)
     ctx.mark_non_differentiable(per_sample, stats)
+
+
+def _bn_gradients(ctx, grad_bn):
+    """dL/d (batch-norm weight, bias) as the op's inputs are: None where the input was."""
+    return grad_bn[1] if ctx.has_bn_weight else None, grad_bn[0] if ctx.has_bn_bias else None
+
+
+def _setup_context(ctx, inputs, output):
+    x, cls_weight, _, conf_weight, _, *bn_inputs = inputs
+    _save_for_backward(ctx, x, (cls_weight, conf_weight), bn_inputs, *output[2:])
 
 
 def _backward(ctx, grad_logits, grad_conf, grad_per_sample, grad_stats, backward=exit_head_fused_backward):
@@ -1126,11 +1257,27 @@ def _backward(ctx, grad_logits, grad_conf, grad_per_sample, grad_stats, backward
                                                        ctx.relu)
     classes = cls_weight.shape[0]
     return (grad_x, grad_weight[:classes], grad_bias[:classes], grad_weight[classes:], grad_bias[classes:],
-            grad_bn[1] if ctx.has_bn_weight else None, grad_bn[0] if ctx.has_bn_bias else None,
-            None, None, None, None, None)
+            *_bn_gradients(ctx, grad_bn), None, None, None, None, None)
 
 
 exit_head_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _pool_setup_context(ctx, inputs, output):
+    x, *bn_inputs = inputs
+    _save_for_backward(ctx, x, (), bn_inputs, *output[1:])
+
+
+def _pool_backward(ctx, grad_pooled, grad_per_sample, grad_stats, backward=exit_pool_fused_backward):
+    x, bn_weight, bn_bias, mean, var, per_sample = ctx.saved_tensors
+    if grad_pooled is None:
+        grad_pooled = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+    grad_x, grad_bn = backward(grad_pooled, x, bn_weight, bn_bias, mean, var, per_sample, ctx.eps, ctx.batch_stats,
+                               ctx.relu)
+    return grad_x, *_bn_gradients(ctx, grad_bn), None, None, None, None, None
+
+
+exit_pool_fused.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 
 
 class ExitHeadEager(torch.autograd.Function):
@@ -1154,3 +1301,20 @@ class ExitHeadEager(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the custom op, whose outputs say it has no double backward
             return *_backward(ctx, *grads), None
         return *_backward(ctx, *grads, backward=exit_head_backward_launch), None
+
+
+class ExitPoolEager(torch.autograd.Function):
+    """``exit_pool_fused`` for eager autograd, as ExitHeadEager is exit_head_fused's."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        *op_inputs, running_update = inputs
+        output = exit_pool_forward_launch(*op_inputs, running_update)
+        _pool_setup_context(ctx, op_inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph: as ExitHeadEager's
+            return *_pool_backward(ctx, *grads), None
+        return *_pool_backward(ctx, *grads, backward=exit_pool_backward_launch), None

@@ -151,45 +151,78 @@ def head_op_args(mode, dtype=torch.float64, seed=0):
 HEAD_MODES = ["pool", "bn-running", "bn-batch"]
 
 
-@pytest.mark.parametrize("path", ["custom-op", "eager", "heads-by-torch"])
+@pytest.mark.parametrize("path", ["custom-op", "eager"])
 @pytest.mark.parametrize("mode", HEAD_MODES)
-def test_gradcheck_float64(mode, path, monkeypatch):
+def test_gradcheck_float64(mode, path):
     """Every gradient of the fused head (the batch norm's through the batch statistics included),
-    through the custom op, through the eager autograd.Function, and with the heads' gradients from
-    torch's matrix products (what heads over HEADS_IN_KERNEL_MAX weights use)."""
-    from eefast.kernels import exit_head as kernel_module
+    through the custom op and through the eager autograd.Function."""
     from eefast.kernels.exit_head import ExitHeadEager, exit_head_fused
 
-    if path == "heads-by-torch":
-        monkeypatch.setattr(kernel_module, "HEADS_IN_KERNEL_MAX", 0)
-
     op = exit_head_fused if path == "custom-op" else lambda *args: ExitHeadEager.apply(*args, None)
-    args = head_op_args(mode)
+    assert gradcheck_of(op, head_op_args(mode), outputs=2)
+
+
+@pytest.mark.parametrize("path", ["custom-op", "eager"])
+@pytest.mark.parametrize("mode", HEAD_MODES)
+def test_pool_gradcheck_float64(mode, path):
+    """The same for the pooled features alone (eefast::exit_pool_fused, which heads too large for
+    the kernels take): dL/dx and the batch norm's gradients from dL/d pooled."""
+    from eefast.kernels.exit_head import ExitPoolEager, exit_pool_fused
+
+    op = exit_pool_fused if path == "custom-op" else lambda *args: ExitPoolEager.apply(*args, None)
+    assert gradcheck_of(op, pool_op_args(head_op_args(mode)), outputs=1)
+
+
+def pool_op_args(head_args):
+    """exit_pool_fused's arguments: exit_head_fused's without the four head tensors."""
+    return (head_args[0], *head_args[5:])
+
+
+def gradcheck_of(op, args, outputs):
+    """torch.autograd.gradcheck of op's first ``outputs`` outputs in every input that requires grad."""
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def head(*inputs):
         full = list(args)
         for i, tensor in zip(tensors, inputs):
             full[i] = tensor
-        return op(*full)[:2]
+        return op(*full)[:outputs]
 
-    assert torch.autograd.gradcheck(head, [args[i] for i in tensors], eps=1e-6, atol=1e-7)
+    return torch.autograd.gradcheck(head, [args[i] for i in tensors], eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", HEAD_MODES)
 def test_opcheck(mode):
-    from eefast.kernels.exit_head import exit_head_fused
+    from eefast.kernels.exit_head import exit_head_fused, exit_pool_fused
 
     args = head_op_args(mode, torch.float32)
     torch.library.opcheck(torch.ops.eefast.exit_head_fused, args)
+    torch.library.opcheck(torch.ops.eefast.exit_pool_fused, pool_op_args(args))
     logits, conf, per_sample, stats = exit_head_fused(*args)
+    pooled, pool_per_sample, _ = exit_pool_fused(*pool_op_args(args))
     x, cls_weight, _, conf_weight, _, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = args
     mean, var = (stats[0], stats[1]) if batch_stats else (running_mean, running_var)
     detached = [None if t is None else t.detach() for t in (x, cls_weight, conf_weight, bn_weight, bn_bias)]
+    bn_state = (*detached[3:], None if mean is None else mean.detach(), None if var is None else var.detach())
     torch.library.opcheck(torch.ops.eefast.exit_head_fused_backward,
-                          (torch.randn_like(logits), torch.randn_like(conf), *detached[:3], *detached[3:],
-                           None if mean is None else mean.detach(), None if var is None else var.detach(),
+                          (torch.randn_like(logits), torch.randn_like(conf), *detached[:3], *bn_state,
                            per_sample.detach(), eps, batch_stats, relu))
+    torch.library.opcheck(torch.ops.eefast.exit_pool_fused_backward,
+                          (torch.randn_like(pooled), detached[0], *bn_state, pool_per_sample.detach(), eps,
+                           batch_stats, relu))
+
+
+def test_head_op_refuses_heads_too_large_for_the_kernels():
+    """exit_head_fused applies heads of at most HEADS_IN_KERNEL_MAX weights (each per-sample program
+    reads them whole); larger ones are exit_pool_fused's pooled features and torch's linear layers."""
+    from eefast.kernels import exit_head as kernel
+
+    x, _, _, _, _, *rest = head_op_args("pool", torch.float32)
+    classes = kernel.HEADS_IN_KERNEL_MAX // x.shape[1]  # (K+1) * C one row past the limit
+    heads = (torch.randn(classes, x.shape[1]), torch.randn(classes), torch.randn(1, x.shape[1]), torch.randn(1))
+    with pytest.raises(ValueError, match=rf"at most HEADS_IN_KERNEL_MAX = 16384 weights .*got {(classes + 1) * 4} "
+                                         rf"\(K={classes}, C=4\)"):
+        kernel.exit_head_fused(x, *(t.to(DEVICE) for t in heads), *rest)
 
 
 def fused_eenet8(seed=0, exit_type="pool"):
@@ -339,24 +372,55 @@ def test_inference_follows_parameter_changes(kind):
     check()
 
 
+@pytest.mark.parametrize("kind, training", [("pool", False), ("bnpool", True), ("plain", False)],
+                         ids=["pool", "bnpool-train", "plain"])
 @pytest.mark.parametrize("shape", [SHAPES["non-pow2"], SHAPES["k1000"]], ids=["small-heads", "k1000"])
-def test_large_heads_are_applied_by_a_matrix_product(shape, monkeypatch):
+def test_large_heads_go_to_torch_linear_layers(shape, kind, training, monkeypatch):
     """Heads over HEADS_IN_KERNEL_MAX weights (K=1000 at C=64: 64064) are not read by every
-    per-sample program (B times the matrix) but applied once by torch's matrix products to the
-    kernel's pooled features; the outputs match the reference either way."""
+    per-sample program (B times the matrix): the kernels stop at the pooled features
+    (exit_pool_fused) and torch's linear layers apply the heads (autograd differentiates them). A
+    plain exit has nothing left to fuse then and launches nothing. The outputs and gradients
+    match the reference either way."""
     from eefast.kernels import exit_head as kernel
 
-    in_kernel = []
-    launcher = kernel._launch_forward
-    monkeypatch.setattr(kernel, "_launch_forward",
-                        lambda *args: (in_kernel.append(args[3]["HEADS_IN_KERNEL"]), launcher(*args)))
-    params, _ = make(shape, "pool", torch.float64)
-    outputs, grads = run("triton", params, None, "pool")
-    ref_outputs, ref_grads = run("reference", params, None, "pool")
-    classes, channels = shape[4], shape[1]
-    assert in_kernel == [(classes + 1) * channels <= kernel.HEADS_IN_KERNEL_MAX]
+    launches = []
+    for name in ("forward", "backward"):
+        launcher = getattr(kernel, f"_launch_{name}")
+        monkeypatch.setattr(kernel, f"_launch_{name}", lambda *args, _launch=launcher, _name=name: (
+            launches.append((_name, args[3]["HEADS_IN_KERNEL"])), _launch(*args)))
+    params, bn = make(shape, kind, torch.float64, training=training)
+    outputs, grads = run("triton", params, bn, kind)
+    ref_outputs, ref_grads = run("reference", params, clone_bn(bn), kind)
+    batch, channels, height, width, classes = shape
+    features = channels * height * width if kind == "plain" else channels
+    in_kernel = (classes + 1) * features <= kernel.HEADS_IN_KERNEL_MAX
+    expected = [] if kind == "plain" and not in_kernel else [("forward", in_kernel), ("backward", in_kernel)]
+    assert launches == expected
     for got, want in zip(outputs + grads, ref_outputs + ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_training_step_matches_the_reference(dtype, classes):
+    """Mixed precision as a training loop runs it (torch.autocast): a bnpool exit's fused head on
+    half-precision features with float32 parameters, heads in the kernels (K=10) and by torch's
+    linear layers (K=1000), gives the reference's outputs and float32 gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 5, 5, generator=g).to(DEVICE)
+    results = {}
+    for impl in ("triton", "reference"):
+        torch.manual_seed(0)
+        block = eefast.ExitBlock(8, classes, "bnpool", impl=impl).to(DEVICE).train()
+        with torch.autocast(DEVICE, dtype=dtype):
+            features = x.to(dtype).requires_grad_()  # as a convolution under autocast returns them
+            logits, conf = block(features)
+            loss = logits.float().logsumexp(1).mean() + conf.float().sigmoid().mean()
+        loss.backward()
+        results[impl] = (logits, conf, features.grad, *(p.grad for p in block.parameters()))
+    for got, want in zip(*results.values()):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("kind, training, launches", [("pool", True, ["backward"]), ("bnpool", False, ["backward"]),

@@ -95,8 +95,9 @@ for arch in (80, 90):
             flags = {"BN": bn, "RELU": bn, "LAYOUT": layout, "VEC": layout_vec, "BLOCK_C": 32, "BLOCK_HW": 64,
                      "COMPUTE": compute_tl}
             # (inference; training, the batch statistics given or merged from partials by the forward;
-            # without batch norm also with the heads left to torch)
-            for bn_sums, merge, heads in (((False, False, True), (True, False, True), (True, True, True)) if bn
+            # the pooled features alone, the heads left to torch: exit_pool_fused)
+            for bn_sums, merge, heads in (((False, False, True), (True, False, True), (True, True, True),
+                                           (True, False, False)) if bn
                                           else ((False, False, True), (False, False, False))):
                 compile_kernel(exit_head._exit_head_forward_kernel,
                                {"x_ptr": f"*{data}", "cls_weight_ptr": f"*{data}", "cls_bias_ptr": f"*{data}",
@@ -111,8 +112,10 @@ for arch in (80, 90):
             for heads_in_kernel in (False, True):
                 for batch_stats in ((False, True) if bn else (False,)):
                     # (the reduce programs in the same launch wherever there are sums and dL/dx needs none)
+                    # (dL/d pooled from the heads in the kernel, or given in x's dtype: exit_pool_fused)
+                    grad_pooled = f"*{compute}" if heads_in_kernel else f"*{data}"
                     compile_kernel(exit_head._exit_head_backward_kernel,
-                                   {"grad_pooled_ptr": f"*{compute}", **head_pointers, "x_ptr": f"*{data}",
+                                   {"grad_pooled_ptr": grad_pooled, **head_pointers, "x_ptr": f"*{data}",
                                     **bn_pointers, "per_sample_ptr": f"*{compute}", "grad_weight_ptr": f"*{data}",
                                     "grad_bias_ptr": f"*{data}", "totals_ptr": f"*{compute}",
                                     "grad_x_ptr": f"*{data}", "eps": "fp32"},
@@ -124,7 +127,8 @@ for arch in (80, 90):
                     count += 1
                 if bn or heads_in_kernel:
                     compile_kernel(exit_head._exit_head_reduce_kernel,
-                                   {"grad_pooled_ptr": f"*{compute}", **head_pointers,
+                                   {"grad_pooled_ptr": f"*{compute}" if heads_in_kernel else f"*{data}",
+                                    **head_pointers,
                                     "per_sample_ptr": f"*{compute}", "grad_weight_ptr": f"*{data}",
                                     "grad_bias_ptr": f"*{data}", "totals_ptr": f"*{compute}"},
                                    ["B", "C", "HW", "K", "gl_stride_b", "gl_stride_k", "gc_stride"],
@@ -141,8 +145,8 @@ def test_every_kernel_compiles_to_cubin_for_sm80_and_sm90():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     # archs x dtypes x (loss: 2 exit counts x 5 variants x forward and backward; head: 2 + 2 statistics
-    # and a merge, 2 + 3 forward, 2 x (1 + 2) backward, 1 + 2 reduce)
-    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 5 + 5 + 2 * 3 + 3))
+    # and a merge, 2 + 4 forward, 2 x (1 + 2) backward, 1 + 2 reduce)
+    assert result.stdout.strip() == str(2 * 4 * (2 * 5 * 2 + 5 + 6 + 2 * 3 + 3))
 
 
 SPILL_SCRIPT = r'''
@@ -213,10 +217,18 @@ for data, size in (("fp32", 4), ("bf16", 2)):
                                                                   "BLOCK_C": merge_c, "COMPUTE": tl.float32}),
             "reduce": (H._exit_head_reduce_kernel, {"BN": True, "HEADS_IN_KERNEL": True, "BLOCK_B": reduce_b,
                                                     "BLOCK_C": reduce_c, "BLOCK_K": reduce_k, "COMPUTE": tl.float32}),
+            # the same map under heads too large for the kernels (exit_pool_fused: pooled features out,
+            # dL/d pooled in, in x's dtype)
+            "forward without heads": (H._exit_head_forward_kernel, {
+                **common, "BN_SUMS": True, "MERGE": True, "UPDATE": True, "HEADS_IN_KERNEL": False,
+                "BLOCK_S": H._merge_block_s(splits, block_c)}),
+            "backward without heads": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True,
+                                                                      "HEADS_IN_KERNEL": False, **no_reduce}),
         }
         for name, (fn, constexprs) in kernels.items():
+            kernel_pointers = {**pointers, "grad_pooled_ptr": f"*{data}"} if name.endswith("without heads") else pointers
             print(json.dumps({"dtype": data, "pixels": pixels, "kernel": name, "vec": vec,
-                              **resources(fn, pointers, constexprs)}))
+                              **resources(fn, kernel_pointers, constexprs)}))
 '''
 
 
@@ -232,7 +244,7 @@ def test_exit_head_kernels_do_not_spill_registers_on_sm90():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 * 2 * 7, result.stdout
+    assert len(lines) == 2 * 2 * 9, result.stdout
     for line in lines:
         usage = json.loads(line)
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0, line
