@@ -256,7 +256,13 @@ def test_training_eenet8_gives_the_reference_losses(exit_type):
     assert losses["triton"] == pytest.approx(losses["reference"], rel=1e-5, abs=1e-6)
 
 
-def test_model_with_fused_ops_compiles_fullgraph():
+@pytest.mark.parametrize("heads", ["in-kernel", "by-linear-layers"])
+def test_model_with_fused_ops_compiles_fullgraph(heads, monkeypatch):
+    """The model's fused ops trace with fullgraph (the custom ops, and for heads too large for the
+    kernels exit_pool_fused with torch's linear layers: HEADS_IN_KERNEL_MAX lowered to 0 here)."""
+    if heads == "by-linear-layers":
+        from eefast.kernels import exit_head as kernel
+        monkeypatch.setattr(kernel, "HEADS_IN_KERNEL_MAX", 0)
     model = fused_eenet8(exit_type="bnpool").train()
     criterion = eefast.EENetLoss(impl="triton")
     x, y = torch.randn(4, 1, 28, 28, device=DEVICE), torch.randint(0, 10, (4,), device=DEVICE)
@@ -445,30 +451,34 @@ def test_backward_is_one_launch_unless_batch_statistics(kind, training, launches
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_each_mode_takes_its_path(monkeypatch):
+@pytest.mark.parametrize("op", ["exit_head", "exit_pool"])
+def test_each_mode_takes_its_path(op, monkeypatch):
     """Without autograd: the inference launch alone (no custom op, no folding); with autograd
     (eval-mode or batch statistics): the eager autograd.Function, whose statistics kernel also
     updates the running statistics (no lerp after the op); the custom op only under
-    torch.compile (test_compiles_with_fullgraph)."""
+    torch.compile (test_model_with_fused_ops_compiles_fullgraph). The same for the pooled
+    features alone (exit_pool: heads too large for the kernels; HEADS_IN_KERNEL_MAX lowered to 0)."""
     from eefast.kernels import exit_head as kernel_module
 
+    if op == "exit_pool":
+        monkeypatch.setattr(kernel_module, "HEADS_IN_KERNEL_MAX", 0)
     calls = []
-    for name in ["exit_head_inference_launch", "exit_head_forward_launch", "exit_head_fused"]:
+    for name in [f"{op}_inference_launch", f"{op}_forward_launch", f"{op}_fused"]:
         original = getattr(kernel_module, name)
         monkeypatch.setattr(kernel_module, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
     block = exit_block("bnpool")
     x = torch.randn(3, 5, 4, 4, device=DEVICE)
     with torch.no_grad():
         block(x)
-    assert calls == ["exit_head_inference_launch"]
+    assert calls == [f"{op}_inference_launch"]
     block(x)[0].sum().backward()
-    assert calls[1:] == ["exit_head_forward_launch"] and block.classifier.weight.grad is not None
+    assert calls[1:] == [f"{op}_forward_launch"] and block.classifier.weight.grad is not None
     block.train()
     lerps = []
     monkeypatch.setattr(ops, "_update_running_stats", lambda *args: lerps.append(args))
     with torch.no_grad():
         block(x)  # batch statistics: computed, and the running ones updated, by the op's launcher
-    assert calls[2:] == ["exit_head_forward_launch"] and not lerps
+    assert calls[2:] == [f"{op}_forward_launch"] and not lerps
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(3, 2, 5, 7), (40, 3, 17, 17), (1, 4, 1, 1), (70, 2, 16, 16)],
