@@ -155,15 +155,24 @@ def test_exit_block_training_step(benchmark, record, dtype, kind, impl, mode):
     training_step_case(benchmark, record, dtype, kind, impl, mode, batch=256, channels=64, size=8, classes=10)
 
 
+# Exits with 1000 classes (batch, C, H = W): ResNet-18's last stage on 32x32 inputs, and an
+# ImageNet ResNet-50's first stage (224x224 inputs), whose map each per-sample program reads is
+# 800k values.
+LARGE_HEAD_EXITS = {"b256-c512-4x4": (256, 512, 4), "b64-c256-56x56": (64, 256, 56)}
+
+
 @pytest.mark.parametrize("mode", ["call", "graph-replay"])
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("kind", ["pool", "bnpool"])
-def test_exit_block_training_step_large_heads(benchmark, record, kind, impl, mode):
-    """test_exit_block_training_step for 1000 classes at ResNet-18's last stage on 32x32 inputs
-    (C=512, 4x4, fp32): heads the kernels leave to torch's linear layers (exit_pool_fused)."""
-    benchmark.group = f"exit block training step {kind} float32 C=512 4x4 K=1000 {TRAINING_STEP_MODES[mode]}"
-    training_step_case(benchmark, record, torch.float32, kind, impl, mode, batch=256, channels=512, size=4,
-                       classes=1000)
+@pytest.mark.parametrize("shape", LARGE_HEAD_EXITS.values(), ids=LARGE_HEAD_EXITS.keys())
+def test_exit_block_training_step_large_heads(benchmark, record, shape, kind, impl, mode):
+    """test_exit_block_training_step for 1000 classes (fp32): heads the kernels leave to torch's
+    linear layers (exit_pool_fused), at LARGE_HEAD_EXITS."""
+    batch, channels, size = shape
+    benchmark.group = (f"exit block training step {kind} float32 B={batch} C={channels} {size}x{size} K=1000 "
+                       f"{TRAINING_STEP_MODES[mode]}")
+    training_step_case(benchmark, record, torch.float32, kind, impl, mode, batch=batch, channels=channels,
+                       size=size, classes=1000)
 
 
 def training_step_case(benchmark, record, dtype, kind, impl, mode, batch, channels, size, classes):

@@ -13,7 +13,9 @@ per-sample rows [1 or 3, B, C]: the pooled features and, with batch norm, each c
 values the ReLU passes and the sum of their x_hat. Heads over HEADS_IN_KERNEL_MAX weights, which
 every program would read whole, are not the kernels' (``exit_pool_fused``): the forward writes the
 pooled features [B, C] in x's dtype (and the per-sample sums without the pooled row), and torch's
-linear layers apply the heads (eefast.ops), autograd their gradients. A ``plain`` exit is the
+linear layers apply the heads (eefast.ops), autograd their gradients; then, where a program per
+sample would leave the GPU mostly idle with much to read each (a small batch of large maps), the
+sample's channels are split over several programs (_channel_splits). A ``plain`` exit is the
 same kernel on x viewed as [B, C*H*W, 1, 1]. Inference and eval mode normalise with the running
 statistics; training mode with the batch's, from a statistics kernel (a program per channel, or
 per channel and part of the batch; in channels_last per block of channels and part of the
@@ -28,7 +30,8 @@ the batch follows from dL/d (logits, confidence), the heads and the forward's pe
 without reading x: reduce programs (one per block of channels) write dL/d heads, dL/d biases and
 the batch norm's dL/d bias and weight (the batch sums of dL/dz and of dL/dz * x_hat), and one
 program per sample writes dL/dx. With batch statistics dL/dx needs those sums, so the reduce
-programs run first as a kernel of their own; otherwise they run in the same launch. Without the
+programs run first as a kernel of their own; otherwise they run in the same launch, unless the
+per-sample programs split their sample's channels (by _channel_splits, heads or not). Without the
 heads (exit_pool_fused) dL/d pooled is the backward's input.
 
 Inference (no autograd, no torch.compile) skips the custom ops: ``exit_head_inference_launch``
@@ -301,6 +304,15 @@ def _batch_stats_merge_kernel(
 
 
 @triton.jit
+def _channel_range(split, splits, C, BLOCK_C: tl.constexpr):
+    """[begin, end) of the channels of one of ``splits`` programs sharing a sample: whole channel
+    blocks, as _channel_splits counts them."""
+    per_program = tl.cdiv(tl.cdiv(C, splits), BLOCK_C) * BLOCK_C
+    begin = split * per_program
+    return begin, tl.minimum(begin + per_program, C)
+
+
+@triton.jit
 def _heads_forward(pooled_ptr, cls_weight_ptr, cls_bias_ptr, conf_weight_ptr, conf_bias_ptr, logits_ptr, conf_ptr,
                    C, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
     """One sample's class logits [K] and confidence logit from its pooled features [C] (which this
@@ -375,11 +387,14 @@ def _exit_head_forward_kernel(
     if HEADS_IN_KERNEL:
         pooled_ptr = per_sample_ptr
         sums_ptr = per_sample_ptr + tl.num_programs(0) * C
-    else:
+        c_begin = 0
+        c_end = C
+    else:  # the sample's channels may be split over the grid's second axis (_channel_splits)
         pooled_ptr = logits_ptr
         sums_ptr = per_sample_ptr
+        c_begin, c_end = _channel_range(tl.program_id(1), tl.num_programs(1), C, BLOCK_C)
     # 1. pool the (normalised, rectified) feature map, channel block by channel block
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
         if BN:
@@ -458,13 +473,19 @@ def _grad_x_program(b, B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_w
                     stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps,
                     BN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr, HEADS_IN_KERNEL: tl.constexpr,
                     LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-                    BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
-    """Sample b's dL/dx (with x's strides, so VEC holds for it as for x)."""
+                    BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr):
+    """Sample b's dL/dx (with x's strides, so VEC holds for it as for x), or with SPLIT its share of
+    the channels where the grid's second axis splits them (_channel_splits)."""
     x_row = x_ptr + b.to(tl.int64) * stride_b
     grad_x_row = grad_x_ptr + b.to(tl.int64) * stride_b
     count = tl.cast(B, COMPUTE) * tl.cast(HW, COMPUTE)  # values per channel in the batch
     sample = b + tl.arange(0, 1)
-    for c0 in range(0, C, BLOCK_C):
+    if SPLIT:
+        c_begin, c_end = _channel_range(tl.program_id(1), tl.num_programs(1), C, BLOCK_C)
+    else:
+        c_begin = 0
+        c_end = C
+    for c0 in range(c_begin, c_end, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         c_mask = channels < C
         if HEADS_IN_KERNEL:
@@ -615,20 +636,23 @@ def _exit_head_backward_kernel(
     REDUCE: tl.constexpr, REDUCE_B: tl.constexpr, REDUCE_C: tl.constexpr, REDUCE_K: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    """Programs 0..B-1 write one sample's dL/dx each. With REDUCE the programs past them do the
-    reduce kernel's work (a channel block of REDUCE_C each, _reduce_program): where dL/dx does not
-    wait for those sums (no batch statistics) the whole backward is one launch."""
+    """Programs 0..B-1 write one sample's dL/dx each (or, along the grid's second axis, a share of
+    its channels: _channel_splits). With REDUCE the programs past them do the reduce kernel's work
+    (a channel block of REDUCE_C each, _reduce_program): where dL/dx does not wait for those sums
+    (no batch statistics) and the channels are not split, the whole backward is one launch."""
     tl.static_assert(BN or not BATCH_STATS, "batch statistics are batch norm's")
     tl.static_assert(not (REDUCE and BATCH_STATS), "with batch statistics dL/dx needs the reduce kernel's sums first")
     b = tl.program_id(0)
     # (_grad_x_program called in two places, not once under `if (b < B) | (not REDUCE)`: that form, and
-    # the reduce branch first, spill 8 bytes on sm_90 in the fp32 7x7 pool backward; this one does not)
+    # the reduce branch first, spill 8 bytes on sm_90 in the fp32 7x7 pool backward; this one does not.
+    # With REDUCE the channels are never split (the launcher's fused_reduce), and the split's loop
+    # bounds there spill the same 8 bytes)
     if REDUCE:
         if b < B:
             _grad_x_program(b, B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr,
                             x_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, totals_ptr, grad_x_ptr, C, HW, K,
                             stride_b, stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps, BN, RELU,
-                            BATCH_STATS, HEADS_IN_KERNEL, LAYOUT, VEC, BLOCK_C, BLOCK_HW, BLOCK_K, COMPUTE)
+                            BATCH_STATS, HEADS_IN_KERNEL, LAYOUT, VEC, BLOCK_C, BLOCK_HW, BLOCK_K, COMPUTE, False)
         else:
             _reduce_program(b - B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr,
                             per_sample_ptr, grad_weight_ptr, grad_bias_ptr, totals_ptr, B, C, HW, K, gl_stride_b,
@@ -637,7 +661,7 @@ def _exit_head_backward_kernel(
         _grad_x_program(b, B, grad_pooled_ptr, grad_logits_ptr, grad_conf_ptr, cls_weight_ptr, conf_weight_ptr, x_ptr,
                         bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, totals_ptr, grad_x_ptr, C, HW, K, stride_b,
                         stride_c, stride_hw, gl_stride_b, gl_stride_k, gc_stride, eps, BN, RELU, BATCH_STATS,
-                        HEADS_IN_KERNEL, LAYOUT, VEC, BLOCK_C, BLOCK_HW, BLOCK_K, COMPUTE)
+                        HEADS_IN_KERNEL, LAYOUT, VEC, BLOCK_C, BLOCK_HW, BLOCK_K, COMPUTE, True)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -713,6 +737,22 @@ def _blocks(channels: int, pixels: int, heads: int, layout: int, vec: int) -> tu
 # the forward kernel merges those 4 partials itself, so the split costs no launch).
 STATS_PROGRAMS = 256
 STATS_SPLIT_MIN = 4096
+
+
+# Without the heads in the kernel (exit_pool_fused) the per-sample programs split their sample's
+# channels, in whole blocks, when a program per sample would leave the GPU mostly idle with much
+# to read each, by the statistics kernel's rule: under STATS_PROGRAMS programs and over
+# STATS_SPLIT_MIN values a program (a ResNet-50's first exit at B=64, C=256, 56x56: 4 programs a
+# sample, not one of 800k values).
+@functools.lru_cache(maxsize=256)
+def _channel_splits(batch: int, channels: int, pixels: int, block_c: int) -> int:
+    """Programs per sample (the grid's second axis; _channel_range gives each its channels)."""
+    blocks = -(-channels // block_c)
+    if batch >= STATS_PROGRAMS or blocks == 1:
+        return 1
+    splits = max(1, min(blocks, -(-STATS_PROGRAMS // max(batch, 1)), channels * pixels // STATS_SPLIT_MIN))
+    per_program = -(-blocks // splits) * block_c  # whole blocks, as _channel_range
+    return -(-channels // per_program)
 
 
 @functools.lru_cache(maxsize=256)
@@ -884,8 +924,9 @@ def _forward(x, heads, bn_weight, bn_bias, mean, var, eps, relu, bn_sums, merge=
         key = (x.dtype, cls_weight.dtype, cls_bias.dtype, conf_weight.dtype, conf_bias.dtype,
                *(t.dtype for t in bn_tensors), running_mean.dtype, running_var.dtype, out_dtype, bn, relu, bn_sums,
                merge is not None, update, heads is not None, layout, vec, block_c, block_hw, block_k, block_s)
+        channel_splits = 1 if heads is not None else _channel_splits(batch, channels, height * width, block_c)
         _launch_forward(
-            key, (batch,),
+            key, (batch, channel_splits),
             (x, cls_weight, cls_bias, conf_weight, conf_bias, *bn_tensors, partials, stats, running_mean, running_var,
              logits, conf, per_sample, channels, height * width, classes, splits, stride_b, stride_c, stride_hw,
              float(eps), *momentum),
@@ -1096,7 +1137,11 @@ def _backward_launch(heads, grad_pooled, x, bn_weight, bn_bias, mean, var, per_s
         reduce = in_kernel or bn  # (sums over the batch to make)
         reduce_b, reduce_c, reduce_k = _reduce_blocks(batch, channels, classes + 1) if reduce else (1, 1, 1)
         reduce_programs = -(-channels // reduce_c)  # cdiv (triton.cdiv takes 1.5 us of host time)
-        if batch_stats:  # dL/dx needs the sums: the reduce kernel first
+        layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
+        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
+        channel_splits = _channel_splits(batch, channels, height * width, block_c)
+        fused_reduce = reduce and not batch_stats and channel_splits == 1  # the sums by programs of the same launch
+        if reduce and not fused_reduce:  # (dL/dx needs the sums, or the channels are split): the reduce kernel
             _launch_reduce(
                 (grad_pooled.dtype, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype, compute,
                  grad_weight.dtype, grad_bias.dtype, bn, in_kernel, reduce_b, reduce_c, reduce_k),
@@ -1106,16 +1151,13 @@ def _backward_launch(heads, grad_pooled, x, bn_weight, bn_bias, mean, var, per_s
                 dict(BN=bn, HEADS_IN_KERNEL=in_kernel, BLOCK_B=reduce_b, BLOCK_C=reduce_c, BLOCK_K=reduce_k,
                      COMPUTE=tl_dtype(compute)),
             )
-        fused_reduce = reduce and not batch_stats  # the sums by programs of the same launch
-        layout, vec = _layout(x, (stride_b, stride_c, stride_hw))
-        block_c, block_hw, block_k = _blocks(channels, height * width, classes + 1, layout, vec)
         bn_tensors = _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var)
         _launch_backward(
             (grad_pooled.dtype, compute, grad_logits.dtype, grad_conf.dtype, cls_weight.dtype, conf_weight.dtype,
              x.dtype, *(t.dtype for t in bn_tensors), grad_weight.dtype, grad_bias.dtype, grad_x.dtype, bn, relu,
              batch_stats, in_kernel, layout, vec, block_c, block_hw, block_k, fused_reduce, reduce_b, reduce_c,
              reduce_k),
-            (batch + reduce_programs if fused_reduce else batch,),
+            (batch + reduce_programs if fused_reduce else batch, channel_splits),
             (grad_pooled, grad_logits, grad_conf, cls_weight, conf_weight, x, *bn_tensors, per_sample, grad_weight,
              grad_bias, totals, grad_x, batch, channels, height * width, classes, stride_b, stride_c, stride_hw,
              *head_strides, float(eps)),

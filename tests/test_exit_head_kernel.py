@@ -429,6 +429,62 @@ def test_autocast_training_step_matches_the_reference(dtype, classes):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+# (B, C, H, W, K, channel splits): 3 blocks of 128 channels; 2 of 16, with the batch statistics
+# split in 2 and merged by the forward kernel
+CHANNEL_SPLIT_SHAPES = {"c-chunks": (*SHAPES["c-chunks"], 3), "merged-in-forward": (9, 32, 16, 16, 5, 2)}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("heads", ["in-kernel", "by-linear-layers"])
+@pytest.mark.parametrize("kind, training, shape", [
+    ("pool", False, CHANNEL_SPLIT_SHAPES["c-chunks"]), ("bnpool", False, CHANNEL_SPLIT_SHAPES["c-chunks"]),
+    ("bnpool", True, CHANNEL_SPLIT_SHAPES["c-chunks"]), ("bnpool", True, CHANNEL_SPLIT_SHAPES["merged-in-forward"]),
+], ids=["pool", "bnpool-eval", "bnpool-train", "bnpool-train-merged-in-forward"])
+def test_channels_split_over_programs_when_the_batch_is_small(kind, training, shape, heads, layout, monkeypatch):
+    """Where a program per sample would leave the GPU mostly idle with much to read each
+    (_channel_splits; its threshold lowered here so a small input splits), the backward's
+    per-sample programs, and the forward's without heads in the kernel, share each sample's
+    channels along the grid's second axis; the sums over the batch then run as the reduce kernel
+    of their own. Outputs, every gradient and the running statistics match the reference. (The
+    forward's split once overwrote the statistics' split count, which only the forward's merge
+    reads.)"""
+    from eefast.kernels import exit_head as kernel
+
+    cached_blocks = (kernel._channel_splits, kernel._stats_blocks, kernel._stats_channels_blocks)
+    for cached in cached_blocks:
+        cached.cache_clear()
+    monkeypatch.setattr(kernel, "STATS_SPLIT_MIN", 16)  # (also splits the statistics: both paths at once)
+    if heads == "by-linear-layers":
+        monkeypatch.setattr(kernel, "HEADS_IN_KERNEL_MAX", 0)
+    grids = {}
+    for name in ("forward", "backward", "reduce", "stats", "stats_merge"):
+        launcher = getattr(kernel, f"_launch_{name}")
+        monkeypatch.setattr(kernel, f"_launch_{name}", lambda *args, _launch=launcher, _name=name: (
+            grids.setdefault(_name, tuple(args[1])), _launch(*args)))
+    try:
+        if shape == CHANNEL_SPLIT_SHAPES["merged-in-forward"] and layout == "channels_last":
+            pytest.skip("channels_last splits the statistics over positions: the merge kernel merges them")
+        *shape, splits = shape
+        params, bn = make(shape, kind, torch.float64, layout=layout, training=training)
+        bn_reference = clone_bn(bn)
+        outputs, grads = run("triton", params, bn, kind)
+        ref_outputs, ref_grads = run("reference", params, bn_reference, kind)
+    finally:
+        for cached in cached_blocks:
+            cached.cache_clear()
+    batch = shape[0]
+    assert grids["backward"] == (batch, splits)
+    assert grids["forward"] == ((batch, splits) if heads == "by-linear-layers" else (batch, 1))
+    assert ("reduce" in grids) == (heads == "in-kernel" or kind == "bnpool")
+    if shape == list(CHANNEL_SPLIT_SHAPES["merged-in-forward"][:5]):
+        assert grids["stats"] == (shape[1], 2) and "stats_merge" not in grids
+    for got, want in zip(outputs + grads, ref_outputs + ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if bn is not None:
+        torch.testing.assert_close(bn.running_mean, bn_reference.running_mean)
+        torch.testing.assert_close(bn.running_var, bn_reference.running_var)
+
+
 @pytest.mark.parametrize("kind, training, launches", [("pool", True, ["backward"]), ("bnpool", False, ["backward"]),
                                                       ("bnpool", True, ["reduce", "backward"])],
                          ids=["pool", "bnpool-eval", "bnpool-train"])
