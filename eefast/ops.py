@@ -222,7 +222,12 @@ def exit_head(
     *,
     impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Class logits ``[B, K]`` and confidence logits ``[B]`` of an exit block (see eefast.reference.exit_head)."""
+    """Class logits ``[B, K]`` and confidence logits ``[B]`` of an exit block (see eefast.reference.exit_head).
+
+    With Triton (``impl``, see choose_impl) the fused kernels run batch norm, ReLU and pooling, and
+    the heads too when they hold at most ``eefast.kernels.exit_head.HEADS_IN_KERNEL_MAX`` weights;
+    larger heads are ``F.linear`` on the kernels' pooled features (a plain exit's then run the
+    reference: there is nothing left to fuse)."""
     if kind not in reference.EXIT_KINDS:
         raise ValueError(f"exit_head: expected kind in {reference.EXIT_KINDS}, got {kind!r}")
     if x.dim() != 4:

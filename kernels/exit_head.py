@@ -372,8 +372,9 @@ def _exit_head_forward_kernel(
     BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """One program per sample: the pooled features, then (HEADS_IN_KERNEL) both heads on them; heads
-    too large to read once per sample are left to torch's linear layers on pooled_ptr
-    (eefast.ops.exit_head). With BN_SUMS it also writes, per channel, what the batch norm's
+    too large to read once per sample are left to torch's linear layers on the pooled features
+    (eefast.ops.exit_head), and each program then pools a share of its sample's channels, along
+    the grid's second axis (_channel_splits). With BN_SUMS it also writes, per channel, what the batch norm's
     gradients need of x: how many values the ReLU passes and the sum of their x_hat. With MERGE
     each program merges the batch statistics from the split statistics kernel's partials itself
     (a launch fewer than the merge kernel), and program 0 writes them (and with UPDATE updates the
@@ -739,11 +740,12 @@ STATS_PROGRAMS = 256
 STATS_SPLIT_MIN = 4096
 
 
-# Without the heads in the kernel (exit_pool_fused) the per-sample programs split their sample's
+# The backward's per-sample programs, and the forward's without the heads in the kernel
+# (exit_pool_fused: with them a program needs its sample's whole pooled row), split their sample's
 # channels, in whole blocks, when a program per sample would leave the GPU mostly idle with much
 # to read each, by the statistics kernel's rule: under STATS_PROGRAMS programs and over
 # STATS_SPLIT_MIN values a program (a ResNet-50's first exit at B=64, C=256, 56x56: 4 programs a
-# sample, not one of 800k values).
+# sample, not one of 800k values; at B=256 no split).
 @functools.lru_cache(maxsize=256)
 def _channel_splits(batch: int, channels: int, pixels: int, block_c: int) -> int:
     """Programs per sample (the grid's second axis; _channel_range gives each its channels)."""
