@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from eefast import _ext, reference
@@ -226,8 +225,8 @@ def exit_head(
 
     With Triton (``impl``, see choose_impl) the fused kernels run batch norm, ReLU and pooling, and
     the heads too when they hold at most ``eefast.kernels.exit_head.HEADS_IN_KERNEL_MAX`` weights;
-    larger heads are ``F.linear`` on the kernels' pooled features (a plain exit's then run the
-    reference: there is nothing left to fuse)."""
+    larger heads are reference.exit_heads (``F.linear``) on the kernels' pooled features (a plain
+    exit's then run the reference: there is nothing left to fuse)."""
     if kind not in reference.EXIT_KINDS:
         raise ValueError(f"exit_head: expected kind in {reference.EXIT_KINDS}, got {kind!r}")
     if x.dim() != 4:
@@ -258,7 +257,7 @@ def exit_head(
     # heads the kernels' per-sample programs would each read whole: torch's linear layers (one matrix
     # product each, and autograd's own backward for them) on the kernel's pooled features
     pooled, = outputs
-    return F.linear(pooled, cls_weight, cls_bias), F.linear(pooled, conf_weight, conf_bias).squeeze(-1)
+    return reference.exit_heads(pooled, *heads)
 
 
 def _fused_head(x: Tensor, heads: tuple[Tensor, ...] | None, bn: reference.BatchNormArgs | None,

@@ -77,6 +77,17 @@ def exit_head(
         features = x.flatten(1)  # [B, C*H*W]
     else:
         raise ValueError(f"exit_head: expected kind in {EXIT_KINDS}, got {kind!r}")
+    return exit_heads(features, cls_weight, cls_bias, conf_weight, conf_bias)
+
+
+def exit_heads(
+    features: Tensor,  # [B, F]
+    cls_weight: Tensor,  # [K, F]
+    cls_bias: Tensor,  # [K]
+    conf_weight: Tensor,  # [1, F]
+    conf_bias: Tensor,  # [1]
+) -> tuple[Tensor, Tensor]:
+    """An exit block's two heads on its features: class logits ``[B, K]``, confidence logits ``[B]``."""
     return F.linear(features, cls_weight, cls_bias), F.linear(features, conf_weight, conf_bias).squeeze(-1)
 
 

@@ -880,6 +880,12 @@ def _batch_norm_tensors(x, bn, bn_weight, bn_bias, mean, var):
     return (bn_weight, bn_bias, x, x) if mean is None else (bn_weight, bn_bias, mean, var)
 
 
+def _per_sample_rows(heads_in_kernel: bool, bn_sums: bool) -> int:
+    """Rows of per_sample: the pooled features (with the heads in the kernel: they read them back,
+    and so do the backward's head gradients), then the batch norm's two per-sample sums."""
+    return int(heads_in_kernel) + (2 if bn_sums else 0)
+
+
 def _forward(x, heads, bn_weight, bn_bias, mean, var, eps, relu, bn_sums, merge=None):
     """(outputs, per_sample). With heads = (cls_weight, cls_bias, conf_weight, conf_bias) the
     kernel applies them: outputs are (logits [B, K], conf [B]), and per_sample [1 or 3, B, C]
@@ -896,8 +902,8 @@ def _forward(x, heads, bn_weight, bn_bias, mean, var, eps, relu, bn_sums, merge=
     x, (stride_b, stride_c, stride_hw) = _flat_strides(x)
     compute = compute_dtype(x.dtype)
     out_dtype = written_dtype(x.dtype)
-    rows = (3 if bn_sums else 1) if heads is not None else (2 if bn_sums else 0)  # (pooled in row 0 with heads)
-    per_sample = torch.empty(rows, batch, channels, dtype=compute, device=x.device)
+    per_sample = torch.empty(_per_sample_rows(heads is not None, bn_sums), batch, channels, dtype=compute,
+                             device=x.device)
     if heads is None:
         logits = torch.empty(batch, channels, dtype=out_dtype, device=x.device)  # the pooled features
         conf = cls_weight = cls_bias = conf_weight = conf_bias = logits  # unwritten, unread
@@ -1204,8 +1210,7 @@ def _(x, cls_weight, cls_bias, conf_weight, conf_bias, bn_weight, bn_bias, runni
 def _fake_per_sample_and_stats(x, heads, bn, batch_stats):
     batch, channels = x.shape[:2]
     compute = compute_dtype(x.dtype)
-    rows = (3 if bn else 1) if heads else (2 if bn else 0)  # (as _forward's)
-    return (x.new_empty(rows, batch, channels, dtype=compute),
+    return (x.new_empty(_per_sample_rows(heads, bn), batch, channels, dtype=compute),
             x.new_empty(3 if batch_stats else 0, channels, dtype=compute))
 
 
