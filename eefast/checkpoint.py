@@ -66,9 +66,18 @@ def model_from_checkpoint(payload: dict):
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
     model = create_model(name, **kwargs)
     try:
-        model.load_state_dict(payload["model_state"])
+        apply_checkpoint(model, payload)
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint weights do not fit model {name!r} {kwargs}: {error}") from error
+    return model
+
+
+def apply_checkpoint(model, payload: dict) -> None:
+    """Loads the checkpoint's weights and its exit rule (policy, temperatures, thresholds) into
+    ``model``. Checkpoints of eefast <= 0.1 carry no policy: theirs is the learned confidence."""
+    model.load_state_dict(payload["model_state"])
+    model.policy = payload.get("policy", "confidence")
+    if payload.get("exit_temperature") is not None:
+        model.set_exit_temperature(payload["exit_temperature"])
     if payload.get("threshold") is not None:
         model.threshold = payload["threshold"]
-    return model

@@ -16,10 +16,12 @@ from eefast import _ext, ops, reference
 from eefast._version import __version__
 from eefast.checkpoint import load_checkpoint, model_from_checkpoint
 from eefast.data import DATASETS, load_dataset
-from eefast.evaluate import THRESHOLD_GRID, evaluate, exit_outputs, threshold_sweep, thresholds_for_budget
+from eefast.evaluate import (DEFAULT_MAX_DROP, THRESHOLD_GRID, budget_table, calibrate, collect_exits, evaluate,
+                             exit_outputs, threshold_sweep)
 from eefast.models import create_model
 from eefast.placement import DISTRIBUTIONS
-from eefast.train import TrainConfig, resolve_device, train
+from eefast.policies import EXIT_POLICIES
+from eefast.train import LR_SCHEDULES, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig, resolve_device, train
 
 
 def triton_status() -> dict:
@@ -122,6 +124,8 @@ def _train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k.replace("-", "_"): v for k, v in vars(args).items() if k.replace("-", "_") in fields}
     values.update(overrides)
+    if isinstance(values.get("threshold"), list):
+        values["threshold"] = _parse_thresholds(values["threshold"])
     return TrainConfig(**values)
 
 
@@ -130,15 +134,38 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="mnist-sample", choices=list(DATASETS))
     parser.add_argument("--data-root", default="data", help="where torchvision / folder datasets live")
     parser.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
+    parser.add_argument("--recipe", default="eefast", choices=list(RECIPES),
+                        help="eefast (default): deep supervision, distillation, confidence heads trained by the "
+                             "thesis's terms alone, calibrated thresholds; thesis: the thesis's loss, T = 0.5")
     parser.add_argument("--loss", default="v2", choices=list(reference.LOSS_VERSIONS))
     parser.add_argument("--lam", type=float, default=1.0, help="accuracy/cost trade-off lambda")
-    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--exit-weight", type=float, help="weight of each exit's own cross-entropy (recipe's)")
+    parser.add_argument("--distill", type=float, help="weight of the final exit's distillation (recipe's)")
+    parser.add_argument("--distill-temperature", type=float, default=3.0)
+    parser.add_argument("--confidence-only", action=argparse.BooleanOptionalAction, default=None,
+                        help="the thesis's terms train only the confidence heads (recipe's)")
+    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--lr-schedule", default="cosine", choices=list(LR_SCHEDULES),
+                        help="learning rate over each phase of the schedule")
+    parser.add_argument("--schedule", choices=list(SCHEDULES),
+                        help="joint (every part from the start) or backbone-first (then the exits alone on the "
+                             "frozen backbone for the last --exit-epochs); the recipe's")
+    parser.add_argument("--exit-epochs", type=int, default=5, help="backbone-first: epochs of the exits' phase")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="no training-set augmentation (random shifts / crops)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=20, help="early stopping: epochs without improvement")
     parser.add_argument("--min-delta", type=float, default=0.001, help="early stopping: least improvement")
-    parser.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for the reports")
+    parser.add_argument("--policy", choices=list(EXIT_POLICIES),
+                        help="exit rule: confidence (EENets), max_prob (SDN), entropy (BranchyNet); recipe's")
+    parser.add_argument("--threshold", type=float, nargs="+",
+                        help="fixed thresholds, one or one per early exit (default: the recipe's)")
+    parser.add_argument("--budget", type=float, help="calibrate the thresholds for this relative cost")
+    parser.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
+                        help="calibration: accuracy points below the final exit allowed on validation")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -166,19 +193,24 @@ def eval_command(args: argparse.Namespace) -> int:
     splits = load_dataset(args.dataset or config.get("dataset", "mnist-sample"),
                           args.data_root or config.get("data_root", "data"), seed=config.get("seed", 0),
                           val_fraction=config.get("val_fraction", 0.1), augment=False)
-    if args.budget is not None:
-        outputs = exit_outputs(model, splits.val, device)
-        model.threshold = thresholds_for_budget(outputs, model.costs, args.budget)
-    elif args.threshold:
+    policy_changed = args.policy is not None and args.policy != model.policy
+    if args.policy is not None:
+        model.policy = args.policy
+    if args.threshold:
         model.threshold = _parse_thresholds(args.threshold)
+    elif model.exits and (args.budget is not None or args.max_drop is not None or policy_changed):
+        # another rule's thresholds do not carry over: fitted again on the validation split
+        calibrate(model, splits.val, device, budget=args.budget,
+                  max_drop=DEFAULT_MAX_DROP if args.max_drop is None else args.max_drop)
     result = evaluate(model, splits.test, device, batch_size=args.batch_size, mode=args.mode)
     report = {"checkpoint": str(args.checkpoint), "model": payload["model_name"], "budget": args.budget,
-              **result.to_dict()}
+              "policy": model.policy, **result.to_dict()}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{payload['model_name']} from {args.checkpoint} on the {splits.name} test split "
-              f"({result.samples} samples), thresholds {[round(t, 4) for t in result.thresholds]}")
+              f"({result.samples} samples), policy {model.policy}, thresholds "
+              f"{[round(t, 4) for t in result.thresholds]}")
         print(result.summary())
     return 0
 
@@ -218,6 +250,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.kind == "budget":
+        return budget_command(args, out)
     if args.kind == "lam":
         points = []
         for lam in args.lams:
@@ -232,9 +266,10 @@ def sweep_command(args: argparse.Namespace) -> int:
     else:
         payload = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(payload)
-        config = payload.get("config", {})
-        splits = load_dataset(config.get("dataset", "mnist-sample"), config.get("data_root", "data"),
-                              seed=config.get("seed", 0), val_fraction=config.get("val_fraction", 0.1), augment=False)
+        splits = _checkpoint_splits(payload)
+        if args.policy is not None and args.policy != model.policy:
+            model.policy = args.policy
+            calibrate(model, splits.val)  # the policy's temperatures
         outputs = exit_outputs(model, splits.test)
         points = threshold_sweep(outputs, model.costs, args.thresholds)
         final_accuracy = 100.0 * outputs.correct[-1].double().mean().item()
@@ -252,6 +287,54 @@ def sweep_command(args: argparse.Namespace) -> int:
     if baseline:
         print(f"baseline ({baseline['model']}): accuracy {baseline['accuracy']:.2f}, cost {baseline['relative_cost']:.3f}")
     print(f"wrote {out}/sweep_{label}.{{json,csv,png}}")
+    return 0
+
+
+def _checkpoint_splits(payload: dict):
+    config = payload.get("config", {})
+    return load_dataset(config.get("dataset", "mnist-sample"), config.get("data_root", "data"),
+                        seed=config.get("seed", 0), val_fraction=config.get("val_fraction", 0.1), augment=False)
+
+
+def budget_command(args: argparse.Namespace, out: Path) -> int:
+    """Each exit policy at each budget on one trained EENet (fitted on validation, reported on
+    test), beside fixed networks evaluated on the same test split; a table and the Pareto plot."""
+    from eefast import plots
+
+    payload = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(payload)
+    if not model.exits:
+        raise ValueError(f"sweep budget: expected an EENet with early exits, {args.checkpoint} has none")
+    splits = _checkpoint_splits(payload)
+    val, test = collect_exits(model, splits.val), collect_exits(model, splits.test)
+    rows = budget_table(val, test, model.costs, args.budgets)
+    low = model.costs[0].item() + 0.01
+    curve_budgets = [low + (1.0 - low) * i / 24 for i in range(25)]
+    curves = {}
+    for row in budget_table(val, test, model.costs, curve_budgets):
+        curves.setdefault(f"EENet, {row['policy']}", []).append((row["relative_cost"], row["accuracy"]))
+    reference_flops = model.profile.total
+    fixed = []
+    for path in args.baseline or []:
+        other = model_from_checkpoint(load_checkpoint(path))
+        result = evaluate(other, splits.test)
+        fixed.append({"checkpoint": path, "model": load_checkpoint(path)["model_name"], "accuracy": result.accuracy,
+                      "relative_cost": result.flops_per_sample / reference_flops})
+    (out / "sweep_budget.json").write_text(json.dumps({"checkpoint": args.checkpoint, "rows": rows, "fixed": fixed,
+                                                        "curves": curves}, indent=2))
+    with open(out / "sweep_budget.csv", "w") as file:
+        file.write("policy,budget,accuracy,relative_cost\n")
+        for r in rows:
+            file.write(f"{r['policy']},{r['budget']},{r['accuracy']:.4f},{r['relative_cost']:.4f}\n")
+    points = {f"{f['model']} ({Path(f['checkpoint']).parent.name})": (f["relative_cost"], f["accuracy"]) for f in fixed}
+    plots.plot_pareto(curves, points, out / "sweep_budget.png", title=f"{payload['model_name']}: policies at budgets")
+    print(f"{'policy':<11} " + " ".join(f"{f'budget {b:g}':>22}" for b in args.budgets))
+    for policy in EXIT_POLICIES:
+        cells = [next(r for r in rows if r["policy"] == policy and r["budget"] == b) for b in args.budgets]
+        print(f"{policy:<11} " + " ".join(f"{c['accuracy']:>8.2f} % at {c['relative_cost']:.3f}".rjust(22) for c in cells))
+    for f in fixed:
+        print(f"{f['model']} ({f['checkpoint']}): {f['accuracy']:.2f} % at {f['relative_cost']:.3f}")
+    print(f"wrote {out}/sweep_budget.{{json,csv,png}}")
     return 0
 
 
@@ -276,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--data-root", help="default: the checkpoint's")
     eval_parser.add_argument("--threshold", type=float, nargs="+", help="one threshold, or one per early exit")
     eval_parser.add_argument("--budget", type=float, help="pick thresholds on the validation split for this relative cost")
+    eval_parser.add_argument("--policy", choices=list(EXIT_POLICIES),
+                             help="exit rule (default: the checkpoint's); another one is calibrated on validation")
+    eval_parser.add_argument("--max-drop", type=float,
+                             help=f"calibrate: the cheapest thresholds within this many accuracy points of the final "
+                                  f"exit on validation (default {DEFAULT_MAX_DROP} where calibrating)")
     eval_parser.add_argument("--mode", default="compact", choices=["compact", "mask", "sample"])
     eval_parser.add_argument("--batch-size", type=int, default=256)
     eval_parser.add_argument("--device", default="auto")
@@ -289,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser.add_argument("--json", action="store_true")
     profile_parser.set_defaults(run=profile_command)
 
-    sweep_parser = commands.add_parser("sweep", help="accuracy vs cost: a lambda sweep or a threshold sweep")
+    sweep_parser = commands.add_parser("sweep", help="accuracy vs cost: a lambda, threshold or budget sweep")
     sweep_kinds = sweep_parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     lam_parser = sweep_kinds.add_parser("lam", help="train one model per lambda (Table 4.2)")
     _add_train_args(lam_parser)
@@ -299,7 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     threshold_parser = sweep_kinds.add_parser("threshold", help="one trained model under a range of thresholds")
     threshold_parser.add_argument("--checkpoint", required=True)
     threshold_parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLD_GRID)
+    threshold_parser.add_argument("--policy", choices=list(EXIT_POLICIES), help="default: the checkpoint's")
     threshold_parser.add_argument("--out", default="runs/sweep")
+    budget_parser = sweep_kinds.add_parser(
+        "budget", help="every exit policy at fixed budgets on one model, beside fixed networks; Pareto plot")
+    budget_parser.add_argument("--checkpoint", required=True, help="a trained EENet")
+    budget_parser.add_argument("--baseline", nargs="+", help="checkpoints of fixed networks (plain, smaller static)")
+    budget_parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    budget_parser.add_argument("--out", default="runs/sweep")
     sweep_parser.set_defaults(run=sweep_command)
     return parser
 

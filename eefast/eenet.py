@@ -30,6 +30,7 @@ from eefast.exits import ExitBlock
 from eefast.flops import count_flops, flop_profile
 from eefast.graphs import SegmentGraphs
 from eefast.placement import exit_costs, exit_flops, place_exits
+from eefast.policies import check_policy
 
 INFERENCE_MODES = ("compact", "mask", "sample")
 
@@ -61,8 +62,11 @@ class EENet(nn.Module):
         distribution: exit placement rule (``eefast.placement.DISTRIBUTIONS``).
         exit_type: ``plain``, ``pool`` or ``bnpool``.
         input_shape: [C, H, W] of one input; FLOPs and costs are measured on it.
-        threshold: confidence threshold T, one for all exits or one per early exit.
+        threshold: threshold T on the exit score, one for all exits or one per early exit.
         exit_positions: the blocks after which exits sit, overriding ``distribution``.
+        policy: what a sample exits on (``eefast.policies``): ``confidence`` (the learned h_n,
+            the thesis's rule and the default here), ``max_prob`` (SDN / MSDNet) or ``entropy``
+            (BranchyNet); the last two divide the exit's logits by ``exit_temperature[n]``.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class EENet(nn.Module):
         input_shape: Sequence[int] = (3, 32, 32),
         threshold: float | Sequence[float] = 0.5,
         exit_positions: Sequence[int] | None = None,
+        policy: str = "confidence",
     ):
         super().__init__()
         blocks = list(blocks)
@@ -116,10 +121,14 @@ class EENet(nn.Module):
         self.head_flops = head_flops
         self.flops = exit_flops(profile, positions, head_flops)  # FLOPs paid to leave at each exit
         self.register_buffer("costs", torch.tensor(exit_costs(profile, positions, head_flops)), persistent=False)
+        # per early exit, the softmax temperature of the max_prob / entropy policies (fitted on
+        # validation data by eefast.policies.fit_temperatures; checkpoints carry it)
+        self.register_buffer("exit_temperature", torch.ones(len(positions)), persistent=False)
         self.threshold = threshold
         self.inference_mode = "compact"
         self.compaction_plan: CompactionPlan | None = None  # None: compact at every exit
         self.segment_graphs: SegmentGraphs | None = None  # set by use_cuda_graphs
+        self.policy = policy
 
     # ---- construction from a torchvision ResNet ---------------------------------------------
 
@@ -165,6 +174,34 @@ class EENet(nn.Module):
         self._threshold = values
         self._threshold_tensors: dict[torch.device, Tensor] = {}  # the values on each device mask mode ran on
 
+    @property
+    def policy(self) -> str:
+        """The exit rule: ``confidence``, ``max_prob`` or ``entropy`` (``eefast.policies``)."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: str) -> None:
+        check_policy(value)
+        if getattr(self, "_policy", value) != value:
+            # captured graphs and a measured compaction plan describe the old rule's exits
+            self.compaction_plan = None
+            if self.segment_graphs is not None:
+                self.segment_graphs = SegmentGraphs(eager=self.segment_graphs.eager)
+        self._policy = value
+
+    def set_exit_temperature(self, values: Sequence[float] | Tensor) -> None:
+        """Sets the per-exit softmax temperatures in place (CUDA graphs see the new values)."""
+        values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+        if values.numel() != len(self.exits) or not bool(torch.isfinite(values).all() and (values > 0).all()):
+            raise ValueError(f"EENet: expected {len(self.exits)} finite temperatures > 0, got {values.tolist()}")
+        self.exit_temperature.copy_(values)
+
+    def exit_scores(self, output: EENetOutput) -> Tensor:
+        """Every early exit's score under the model's policy, ``[E-1, B]``, from a training-style
+        output (``forward_all``): what the thresholds are compared with."""
+        return reference.exit_scores(output.logits[:-1], output.conf_logits, self._policy,
+                                     self.exit_temperature.view(-1, 1))
+
     # ---- forward ----------------------------------------------------------------------------
 
     def check_input(self, x: Tensor) -> None:
@@ -207,13 +244,14 @@ class EENet(nn.Module):
 
     def segment(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
         """Segment ``n`` of inference on the running rows ``h``: stage n, then exit n:
-        ``(h', confidence [M], logits [M, K])`` (confidence = sigmoid of the confidence logit);
-        for the last segment, the last stage and the final classifier: ``(logits [M, K],)``."""
+        ``(h', score [M], logits [M, K])`` (the policy's score: for ``confidence``, the sigmoid of
+        the confidence logit); for the last segment, the last stage and the final classifier:
+        ``(logits [M, K],)``."""
         h = self.stages[n](h)
         if n == len(self.exits):
             return (self.classifier(h),)
         logits, conf_logits = self.exits[n](h)
-        return h, conf_logits.sigmoid(), logits
+        return h, reference.exit_scores(logits, conf_logits, self._policy, self.exit_temperature[n]), logits
 
     def run_segment(self, n: int, h: Tensor) -> tuple[Tensor, ...]:
         """``segment(n, h)`` as inference runs it: replayed from a CUDA graph when ``use_cuda_graphs``
@@ -239,7 +277,8 @@ class EENet(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: Tensor, mode: str = "compact", compact_at: Sequence[bool] | None = None) -> Prediction:
-        """Early-exit inference (Algorithm 1); every mode gives the same exits and logits.
+        """Early-exit inference (Algorithm 1); every mode gives the same exits and logits. Runs in
+        eval mode whatever the model's (batch norm on its running statistics, which stay as they are).
 
         ``compact_at`` (``compact`` mode only): for each early exit, whether the exited rows leave
         the batch there; by default ``compaction_plan.decide(len(x))``, or every exit without a plan.
@@ -265,11 +304,21 @@ class EENet(nn.Module):
                 else:
                     warnings.warn(f"EENet: the compaction plan {stale}; compacting at every exit until "
                                   f"plan_compaction is called again", stacklevel=2)
-            logits, exit_index = self._predict_compact(x, compact_at)
-        elif mode == "mask":
-            logits, exit_index = self._predict_mask(x)
-        else:
-            logits, exit_index = self._predict_samples(x)
+        # Inference always runs in eval mode: in training mode batch norm would normalise each
+        # batch (or sample) by its own statistics, update the running ones, and the modes disagree.
+        was_training = self.training
+        if was_training:
+            self.eval()
+        try:
+            if mode == "compact":
+                logits, exit_index = self._predict_compact(x, compact_at)
+            elif mode == "mask":
+                logits, exit_index = self._predict_mask(x)
+            else:
+                logits, exit_index = self._predict_samples(x)
+        finally:
+            if was_training:
+                self.train()
         return Prediction(logits, exit_index, self.costs[exit_index])
 
     def plan_compaction(self, x: Tensor, repeats: int = 3) -> CompactionPlan:
@@ -336,13 +385,12 @@ class EENet(nn.Module):
         outputs, exits = [], []
         for i in range(x.shape[0]):
             h = x[i : i + 1]
-            for n, (stage, exit_block) in enumerate(zip(self.stages, self.exits)):
-                h = stage(h)
-                logits, conf_logits = exit_block(h)
-                if bool(conf_logits.sigmoid()[0] >= self._threshold[n]):
+            for n in range(len(self.exits)):
+                h, score, logits = self.segment(n, h)
+                if bool(score[0] >= self._threshold[n]):
                     break
             else:
-                n, logits = len(self.exits), self.classifier(self.stages[-1](h))
+                n, (logits,) = len(self.exits), self.segment(len(self.exits), h)
             outputs.append(logits)
             exits.append(n)
         dtype = outputs[-1].dtype if outputs else x.dtype
@@ -366,7 +414,7 @@ class EENet(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            confidence = self.forward_all(x).conf_logits.sigmoid().double()  # [N, B]
+            confidence = self.exit_scores(self.forward_all(x)).double()  # [N, B]
         finally:
             self.train(was_training)
         batch = x.shape[0]
@@ -389,7 +437,7 @@ class EENet(nn.Module):
         costs = ", ".join(f"{c:.3f}" for c in self.costs.tolist())
         return (
             f"exits after blocks {self.exit_positions}, exit_type={self.exit_type!r}, costs=[{costs}], "
-            f"threshold={self._threshold}"
+            f"threshold={self._threshold}, policy={self._policy!r}"
         )
 
 
@@ -402,32 +450,67 @@ def _stack_exits(logits: list[Tensor], scores: list[Tensor]) -> tuple[Tensor, Te
 
 
 class EENetLoss(nn.Module):
-    """The EENet training loss (``v1``, ``v2`` (default), ``mc``, ``cost``) with trade-off ``lam``.
+    """The EENet training loss (``v1``, ``v2`` (default), ``mc``, ``cost``) with trade-off ``lam``,
+    and the terms of eefast's training recipe on top of it.
 
     ``loss(output, target, costs)`` with ``output`` from ``model.train(); model(x)`` and
-    ``costs = model.costs``. ``impl`` picks the implementation (see eefast.ops.choose_impl).
+    ``costs = model.costs``:
+
+        loss = thesis(version, lam)                        (Eqs. 10-11; on detached class
+                                                            logits if confidence_only)
+             + exit_weight * sum_n CE(y, y_n)              (each exit's own classifier)
+             + distill * sum_{n<N} KD(y_N -> y_n, T)       (the final exit as teacher)
+
+    With the defaults (``exit_weight=0, distill=0, confidence_only=False``) it is the thesis's
+    loss exactly. ``confidence_only`` lets the thesis's terms train the confidence heads alone,
+    so the cost term cannot pull the classifiers or the shared features. ``impl`` picks the
+    implementation of the thesis's terms (see eefast.ops.choose_impl).
     """
 
-    def __init__(self, lam: float = 1.0, version: str = "v2", impl: str | None = None):
+    def __init__(self, lam: float = 1.0, version: str = "v2", impl: str | None = None, *,
+                 exit_weight: float = 0.0, distill: float = 0.0, distill_temperature: float = 3.0,
+                 confidence_only: bool = False):
         super().__init__()
         if version not in reference.LOSS_VERSIONS:
             raise ValueError(f"EENetLoss: expected version in {reference.LOSS_VERSIONS}, got {version!r}")
-        if not lam >= 0:
-            raise ValueError(f"EENetLoss: expected lam >= 0, got {lam}")
+        for name, value in (("lam", lam), ("exit_weight", exit_weight), ("distill", distill)):
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"EENetLoss: expected a finite {name} >= 0, got {value}")
+        if not (distill_temperature > 0 and distill_temperature < float("inf")):
+            raise ValueError(f"EENetLoss: expected a finite distill_temperature > 0, got {distill_temperature}")
         self.lam = lam
         self.version = version
         self.impl = impl  # None: eefast.ops chooses (Triton on CUDA tensors)
+        self.exit_weight = exit_weight
+        self.distill = distill
+        self.distill_temperature = distill_temperature
+        self.confidence_only = confidence_only
 
     def forward(self, output: EENetOutput, target: Tensor, costs: Tensor) -> Tensor:
-        return ops.eenet_loss(output.logits, output.conf_logits, target, costs, self.lam, self.version, impl=self.impl)
+        if self._thesis_only:
+            return ops.eenet_loss(output.logits, output.conf_logits, target, costs, self.lam, self.version,
+                                  impl=self.impl)
+        return self.terms(output, target, costs)[0]
 
     def terms(self, output: EENetOutput, target: Tensor, costs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, accuracy term, cost term)`` from one computation of the per-exit parts; the terms
         (before lam, detached) are CE and mean C of exit 0 for v1, their sums over the exits otherwise."""
-        ce, cost = ops.eenet_loss_parts(output.logits, output.conf_logits, target, costs, impl=self.impl)
+        logits = output.logits.detach() if self.confidence_only else output.logits
+        ce, cost = ops.eenet_loss_parts(logits, output.conf_logits, target, costs, impl=self.impl)
         loss = reference.combine_loss_parts(ce, cost, self.lam, self.version)
+        if self.exit_weight:
+            loss = loss + self.exit_weight * reference.exit_cross_entropy(output.logits, target).sum()
+        if self.distill and output.logits.shape[0] > 1:
+            loss = loss + self.distill * reference.distillation_loss(output.logits, self.distill_temperature).sum()
         ce_term, cost_term = (ce[0], cost[0]) if self.version == "v1" else (ce.sum(), cost.sum())
         return loss, ce_term.detach(), cost_term.detach()
 
+    @property
+    def _thesis_only(self) -> bool:
+        return not (self.exit_weight or self.distill or self.confidence_only)
+
     def extra_repr(self) -> str:
-        return f"lam={self.lam}, version={self.version!r}"
+        extra = "" if self._thesis_only else (
+            f", exit_weight={self.exit_weight}, distill={self.distill}, "
+            f"distill_temperature={self.distill_temperature}, confidence_only={self.confidence_only}")
+        return f"lam={self.lam}, version={self.version!r}{extra}"

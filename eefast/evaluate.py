@@ -2,9 +2,11 @@
 
 - ``evaluate``: batched early-exit inference over a dataset: accuracy, relative cost, FLOPs per
   sample, the exit histogram, each exit's accuracy on the samples it took, time per sample.
-- ``exit_outputs``: every exit's prediction and confidence for every sample (mask mode), from
-  which ``simulate`` gives accuracy and cost under any thresholds without running the model
-  again: used by threshold sweeps and by ``thresholds_for_budget``.
+- ``collect_exits``: every exit's logits and confidence logits for every sample; ``exit_outputs``
+  scores them under a policy, and ``simulate`` gives accuracy and cost under any thresholds
+  without running the model again: used by threshold sweeps, ``thresholds_for_budget`` /
+  ``thresholds_for_drop`` and ``calibrate`` (temperatures and thresholds from validation data),
+  and ``budget_table`` (each policy at fixed budgets, fitted on one split, reported on another).
 Under torch.distributed each rank takes every world_size-th sample and the sums are reduced.
 """
 
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from eefast import reference
 from eefast.eenet import EENet
+from eefast.policies import EXIT_POLICIES, fit_temperatures
 
 
 def _shard(dataset: Dataset) -> Dataset:
@@ -110,7 +113,7 @@ class ExitOutputs:
     """Every exit's verdict on every sample of a dataset."""
 
     correct: torch.Tensor  # [E, N] bool: exit n's prediction is right
-    confidence: torch.Tensor  # [E-1, N] h_n of the early exits
+    confidence: torch.Tensor  # [E-1, N] the early exits' scores under a policy (h_n for ``confidence``)
 
     def simulate(self, thresholds: list[float], costs: torch.Tensor) -> tuple[float, float]:
         """(accuracy %, relative cost) had the model run with ``thresholds``."""
@@ -120,17 +123,39 @@ class ExitOutputs:
         return accuracy, costs.double().cpu()[exit_index].mean().item()
 
 
+@dataclass
+class ExitLogits:
+    """Every exit's raw outputs on every sample of a dataset (on the CPU)."""
+
+    logits: torch.Tensor  # [E, N, K]
+    conf_logits: torch.Tensor  # [E-1, N]
+    target: torch.Tensor  # [N] int64
+
+    def scored(self, policy: str, temperature: torch.Tensor) -> ExitOutputs:
+        """The verdicts under ``policy`` with per-exit ``temperature [E-1]``."""
+        scores = reference.exit_scores(self.logits[:-1], self.conf_logits, policy, temperature.cpu().view(-1, 1))
+        return ExitOutputs(self.logits.argmax(-1) == self.target, scores.double())
+
+
 @torch.no_grad()
-def exit_outputs(model: EENet, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 256) -> ExitOutputs:
+def collect_exits(model: EENet, dataset: Dataset, device: str | torch.device = "cpu",
+                  batch_size: int = 256) -> ExitLogits:
     was_training = model.training
     model.eval()
-    correct, confidence = [], []
+    logits, conf_logits, targets = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):
         out = model.forward_all(x.to(device))
-        correct.append((out.logits.argmax(-1) == y.to(device)[None]).cpu())
-        confidence.append(out.conf_logits.double().sigmoid().cpu())
+        logits.append(out.logits.float().cpu())
+        conf_logits.append(out.conf_logits.float().cpu())
+        targets.append(y)
     model.train(was_training)
-    return ExitOutputs(torch.cat(correct, dim=1), torch.cat(confidence, dim=1))
+    return ExitLogits(torch.cat(logits, dim=1), torch.cat(conf_logits, dim=1), torch.cat(targets))
+
+
+def exit_outputs(model: EENet, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 256,
+                 policy: str | None = None) -> ExitOutputs:
+    """Every exit's verdict under ``policy`` (default: the model's) and the model's temperatures."""
+    return collect_exits(model, dataset, device, batch_size).scored(policy or model.policy, model.exit_temperature)
 
 
 THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(21)]
@@ -148,12 +173,28 @@ def thresholds_for_budget(outputs: ExitOutputs, costs: torch.Tensor, budget: flo
     share of samples leaving there can be chosen; exhaustive for up to 3 early exits, one
     shared threshold from the pooled quantiles beyond that.
     """
-    early = outputs.confidence.shape[0]
-    if early == 0:
+    if outputs.confidence.shape[0] == 0:
         raise ValueError("a budget needs early exits; this model has only its final exit")
     min_cost = costs[0].item()
-    if budget < min_cost:
+    if not budget >= min_cost:
         raise ValueError(f"expected a budget of at least {min_cost:.3f} (the cost of exit 0), got {budget}")
+    best_key, best = None, None
+    for thresholds in _candidate_thresholds(outputs):
+        accuracy, cost = outputs.simulate(thresholds, costs)
+        if cost <= budget + 1e-12:
+            key = (cost >= budget - BUDGET_BAND, accuracy, -cost)
+            if best_key is None or key > best_key:
+                best_key, best = key, thresholds
+    if best is None:  # only everyone-at-exit-0 fits
+        best = [0.0] * outputs.confidence.shape[0]
+    return best
+
+
+def _candidate_thresholds(outputs: ExitOutputs):
+    """Each exit's candidate thresholds are the 0, 5, ..., 100 % quantiles of its scores (and 0
+    and 1), so every share of samples leaving there can be chosen; every combination for up to
+    3 early exits, one shared threshold from the pooled quantiles beyond that."""
+    early = outputs.confidence.shape[0]
     levels = torch.linspace(0, 1, 21, dtype=torch.float64)
 
     def grid(confidence: torch.Tensor) -> list[float]:
@@ -162,19 +203,64 @@ def thresholds_for_budget(outputs: ExitOutputs, costs: torch.Tensor, budget: flo
         return sorted({0.0, 1.0, *quantiles})
 
     if early <= 3:
-        candidates = (list(t) for t in itertools.product(*(grid(c) for c in outputs.confidence)))
-    else:
-        candidates = ([t] * early for t in grid(outputs.confidence.flatten()))
-    best_key, best = None, None
-    for thresholds in candidates:
+        return (list(t) for t in itertools.product(*(grid(c) for c in outputs.confidence)))
+    return ([t] * early for t in grid(outputs.confidence.flatten()))
+
+
+DEFAULT_MAX_DROP = 0.25
+
+
+def thresholds_for_drop(outputs: ExitOutputs, costs: torch.Tensor, max_drop: float = DEFAULT_MAX_DROP) -> list[float]:
+    """The cheapest per-exit thresholds whose accuracy is at most ``max_drop`` points below the
+    final exit's alone (ties go to the more accurate); candidates as ``thresholds_for_budget``."""
+    if outputs.confidence.shape[0] == 0:
+        raise ValueError("calibrating thresholds needs early exits; this model has only its final exit")
+    if not 0 <= max_drop <= 100:
+        raise ValueError(f"expected max_drop in [0, 100] accuracy points, got {max_drop}")
+    floor = 100.0 * outputs.correct[-1].double().mean().item() - max_drop
+    best_key, best = None, [1.0] * outputs.confidence.shape[0]
+    for thresholds in _candidate_thresholds(outputs):
         accuracy, cost = outputs.simulate(thresholds, costs)
-        if cost <= budget + 1e-12:
-            key = (cost >= budget - BUDGET_BAND, accuracy, -cost)
+        if accuracy >= floor - 1e-9:
+            key = (-cost, accuracy)
             if best_key is None or key > best_key:
                 best_key, best = key, thresholds
-    if best is None:  # only everyone-at-exit-0 fits
-        best = [0.0] * early
     return best
+
+
+def calibrate(model: EENet, dataset: Dataset, device: str | torch.device = "cpu", budget: float | None = None,
+              max_drop: float = DEFAULT_MAX_DROP) -> list[float]:
+    """Fits the model's exit rule on held-out ``dataset`` (the validation split): per-exit
+    temperatures (``eefast.policies.fit_temperatures``), then thresholds for the relative-cost
+    ``budget`` or, without one, the cheapest within ``max_drop`` points of the final exit. Sets
+    and returns the thresholds."""
+    raw = collect_exits(model, dataset, device)
+    model.set_exit_temperature(fit_temperatures(raw.logits[:-1], raw.target))
+    outputs = raw.scored(model.policy, model.exit_temperature)
+    if budget is not None:
+        model.threshold = thresholds_for_budget(outputs, model.costs, budget)
+    else:
+        model.threshold = thresholds_for_drop(outputs, model.costs, max_drop)
+    return model.threshold
+
+
+def budget_table(fit: ExitLogits, report: ExitLogits, costs: torch.Tensor, budgets: list[float],
+                 policies: tuple[str, ...] = EXIT_POLICIES) -> list[dict]:
+    """Each policy at each relative-cost budget, the way the field reports early exits: the
+    temperatures and thresholds fitted on ``fit`` (validation), accuracy and cost on ``report``
+    (test). One row per (policy, budget)."""
+    temperature = fit_temperatures(fit.logits[:-1], fit.target)
+    rows = []
+    for policy in policies:
+        on_fit, on_report = fit.scored(policy, temperature), report.scored(policy, temperature)
+        for budget in budgets:
+            thresholds = thresholds_for_budget(on_fit, costs, budget)
+            accuracy, cost = on_report.simulate(thresholds, costs)
+            exits = reference.first_confident_exit(on_report.confidence, torch.tensor(thresholds, dtype=torch.float64))
+            rows.append({"policy": policy, "budget": budget, "thresholds": thresholds, "accuracy": accuracy,
+                         "relative_cost": cost,
+                         "exit_counts": torch.bincount(exits, minlength=costs.numel()).tolist()})
+    return rows
 
 
 def threshold_sweep(outputs: ExitOutputs, costs: torch.Tensor, values: list[float]) -> list[dict]:

@@ -91,3 +91,17 @@ def plot_exit_grid(model, dataset: Dataset, device, path: Path, per_exit: int = 
                 ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None)
         row[0].set_title(f"exit {n}", fontsize=8, loc="left")
     _save(fig, path)
+
+
+def plot_pareto(curves: dict[str, list[tuple[float, float]]], points: dict[str, tuple[float, float]], path: Path,
+                title: str = "accuracy vs cost") -> None:
+    """Accuracy against relative cost: a line per exit policy (its budget sweep, ``(cost, accuracy)``
+    points) and a marker per fixed network (the plain baseline, smaller static networks)."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for (name, curve), style in zip(curves.items(), ("o-", "s-", "^-", "v-", "x-")):
+        ax.plot(*zip(*sorted(curve)), style, markersize=3, label=name)
+    for (name, (cost, accuracy)), marker in zip(points.items(), ("*", "D", "P", "X", "h", "p")):
+        ax.scatter([cost], [accuracy], marker=marker, s=90, zorder=3, label=name)
+    ax.set(xlabel="relative cost (FLOPs / plain backbone)", ylabel="test accuracy (%)", title=title)
+    ax.legend(fontsize=8)
+    _save(fig, path)

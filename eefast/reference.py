@@ -6,6 +6,7 @@ Imports torch only. Readable first; each function states one definition from
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -169,6 +170,36 @@ def eenet_loss(
     return combine_loss_parts(*eenet_loss_parts(logits, conf_logits, target, costs), lam, version)
 
 
+def exit_cross_entropy(
+    logits: Tensor,  # [E, B, K] class logits of every exit
+    target: Tensor,  # [B] int64
+) -> Tensor:
+    """Each exit's own classifier loss (deep supervision): ``CE(y, y_n)`` per exit, ``[E]``.
+
+    Unlike the mixtures Y_n, an early classifier's gradient here does not pass through its
+    confidence h_n, so it keeps learning while h_n is near 0.
+    """
+    log_y = logits.to(_compute_dtype(logits)).log_softmax(dim=-1)  # [E, B, K]
+    return -log_y.gather(2, target.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(2).mean(dim=1)
+
+
+def distillation_loss(
+    logits: Tensor,  # [E, B, K] class logits of every exit
+    temperature: float = 3.0,
+) -> Tensor:
+    """The final exit distilled into the early ones, per early exit ``[E-1]``:
+
+        T^2 * mean_batch KL( softmax(z_N / T) || softmax(z_n / T) )
+
+    with the final exit's logits z_N as a fixed (detached) teacher (Hinton et al. 2015).
+    """
+    z = logits.to(_compute_dtype(logits)) / temperature
+    teacher = z[-1].detach().log_softmax(dim=-1)  # [B, K]
+    student = z[:-1].log_softmax(dim=-1)  # [E-1, B, K]
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # [E-1, B]
+    return temperature**2 * kl.mean(dim=1)
+
+
 def combine_loss_parts(ce: Tensor, cost: Tensor, lam: float, version: str) -> Tensor:
     """A loss version from the per-exit parts ``ce [E]`` and ``cost [E]`` of eenet_loss_parts."""
     if version == "v1":
@@ -180,6 +211,42 @@ def combine_loss_parts(ce: Tensor, cost: Tensor, lam: float, version: str) -> Te
     if version == "cost":
         return cost.sum()
     raise ValueError(f"eenet_loss: expected version in {LOSS_VERSIONS}, got {version!r}")
+
+
+# ---- exit policies (beyond the thesis) ------------------------------------------------------
+
+EXIT_POLICIES = ("confidence", "max_prob", "entropy")
+
+
+def exit_scores(
+    logits: Tensor,  # [..., K] class logits of an exit
+    conf_logits: Tensor,  # [...] its confidence logits
+    policy: str = "confidence",
+    temperature: Tensor | float = 1.0,  # broadcasts against [...]: the exit's softmax temperature
+) -> Tensor:
+    """The score s in [0, 1] a sample leaves on (higher = more confident), ``[...]``:
+
+        confidence: s = h_n = sigmoid(conf_logit)               (EENets)
+        max_prob:   s = max_k softmax(z / T)_k                  (SDN, MSDNet)
+        entropy:    s = 1 - H(softmax(z / T)) / log K           (BranchyNet's entropy rule)
+
+    NaN inputs give a NaN score, which never exits. Computed in float32 for half inputs.
+    """
+    if policy == "confidence":
+        return conf_logits.sigmoid()
+    if policy not in EXIT_POLICIES:
+        raise ValueError(f"exit_scores: expected policy in {EXIT_POLICIES}, got {policy!r}")
+    z = logits.to(_compute_dtype(logits))
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(z.dtype).unsqueeze(-1)
+    log_p = (z / temperature).log_softmax(dim=-1)
+    if policy == "max_prob":
+        return log_p.max(dim=-1).values.exp()
+    classes = z.shape[-1]
+    if classes == 1:  # one class: nothing to be unsure about
+        return torch.ones_like(z[..., 0])
+    entropy = torch.special.entr(log_p.exp()).sum(dim=-1)  # -p log p, 0 where p = 0, NaN stays NaN
+    return 1.0 - entropy / math.log(classes)
 
 
 # ---- inference (Algorithm 1) ----------------------------------------------------------------

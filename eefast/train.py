@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
-from eefast.checkpoint import load_checkpoint, save_checkpoint
+from eefast import reference
+from eefast.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from eefast.data import load_dataset
 from eefast.eenet import EENet, EENetLoss
-from eefast.evaluate import EvalResult, evaluate
+from eefast.evaluate import EvalResult, calibrate, evaluate
 from eefast.models import create_model
 
 
@@ -43,15 +44,28 @@ class TrainConfig:
     distribution: str | None = None
     exit_type: str | None = None
     filters: int | None = None  # eenet8 / resnet8 only
+    recipe: str = "eefast"  # RECIPES: the loss's extra terms, the exit policy and its calibration
     loss: str = "v2"
     lam: float = 1.0
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    batch_size: int = 32
-    epochs: int = 20
+    exit_weight: float | None = None  # None: the recipe's
+    distill: float | None = None
+    distill_temperature: float = 3.0
+    confidence_only: bool | None = None
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    lr_schedule: str = "cosine"  # or "constant"; per phase of the schedule
+    schedule: str | None = None  # SCHEDULES; None: the recipe's
+    exit_epochs: int = 5  # backbone-first: the last epochs, which train the exits alone
+    augment: bool = True
+    batch_size: int = 64
+    epochs: int = 30
     patience: int = 20
     min_delta: float = 0.001
-    threshold: float = 0.5
+    policy: str | None = None  # None: the recipe's
+    threshold: float | list[float] | None = None  # None: the recipe's (calibrated thresholds, or 0.5)
+    budget: float | None = None  # calibrate the thresholds for this relative cost instead
+    max_drop: float = 0.25  # calibration: accuracy points below the final exit's, on validation
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -107,12 +121,70 @@ def model_kwargs(config: TrainConfig, num_classes: int, input_shape) -> dict:
     return kwargs
 
 
-def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+# joint: every part trains together from the start (the thesis's single-stage training).
+# backbone-first: the backbone and its classifier train alone on the final exit's cross-entropy,
+# then, for the last ``exit_epochs``, the exits alone on the frozen backbone (its weights and
+# batch-norm statistics stay as they are), as SDN trains its internal classifiers.
+SCHEDULES = ("joint", "backbone-first")
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'sgd'")
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def exit_phase_start(config: TrainConfig, has_exits: bool = True) -> int | None:
+    """The first epoch that trains the exits alone (backbone-first with early exits), or None."""
+    if recipe_value(config, "schedule") == "joint" or not has_exits:
+        return None
+    return config.epochs - config.exit_epochs
+
+
+def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int, split: int | None = None) -> float:
+    """The learning rate of a step: constant, or cosine-annealed from ``lr`` to 0 over each phase
+    (the whole run, or backbone-first's two phases). A function of the step alone, so a resumed
+    run needs no scheduler state. ``split``: the first epoch of the exits' phase, if any."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    start, end = 0, config.epochs
+    if split is not None:
+        start, end = (split, config.epochs) if epoch >= split else (0, split)
+    progress = ((epoch - start) * steps_per_epoch + step) / max((end - start) * steps_per_epoch, 1)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
+
+
+# The recipes. ``thesis``: the thesis's loss as written, exit on the learned confidence at
+# T = 0.5. ``eefast`` (default): each exit's classifier also learns from its own cross-entropy
+# and from the final exit (distillation), the thesis's terms train the confidence heads only,
+# and the thresholds are calibrated on the validation split. Chosen by the ablation in
+# benchmarks/results/mnist_sample_exits.md (benchmarks/exits_table.py).
+RECIPES = {
+    "thesis": dict(exit_weight=0.0, distill=0.0, confidence_only=False, policy="confidence", threshold=0.5,
+                   schedule="joint"),
+    "eefast": dict(exit_weight=1.0, distill=1.0, confidence_only=True, policy="max_prob", threshold=None,
+                   schedule="backbone-first"),
+}
+
+
+def recipe_value(config: TrainConfig, name: str):
+    """A recipe setting: the config's own where given, else the recipe's."""
+    if config.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {config.recipe!r}; expected one of {list(RECIPES)}")
+    value = getattr(config, name)
+    return RECIPES[config.recipe][name] if value is None else value
+
+
+def build_loss(config: TrainConfig) -> EENetLoss:
+    return EENetLoss(lam=config.lam, version=config.loss, exit_weight=recipe_value(config, "exit_weight"),
+                     distill=recipe_value(config, "distill"), distill_temperature=config.distill_temperature,
+                     confidence_only=recipe_value(config, "confidence_only"))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -205,15 +277,26 @@ class Trainer:
         self.show = self.dist.is_main and not config.quiet
         self.bars = self.show and sys.stderr.isatty()
 
+        if config.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        if recipe_value(config, "schedule") not in SCHEDULES:
+            raise ValueError(f"unknown schedule {config.schedule!r}; expected one of {SCHEDULES}")
+        if not 0 < config.exit_epochs < config.epochs and recipe_value(config, "schedule") == "backbone-first":
+            raise ValueError(f"--schedule backbone-first: expected 0 < --exit-epochs < --epochs ({config.epochs}), "
+                             f"got {config.exit_epochs}")
         self.splits = load_dataset(config.dataset, config.data_root, config.download, config.seed,
-                                   config.val_fraction)
+                                   config.val_fraction, augment=config.augment)
         kwargs = model_kwargs(config, self.splits.num_classes, self.splits.input_shape)
         torch.manual_seed(config.seed)
         self.model = create_model(config.model, **{**kwargs, "input_shape": tuple(kwargs["input_shape"])})
         self.model.to(self.device)
-        self.model.threshold = config.threshold
-        self.criterion = EENetLoss(lam=config.lam, version=config.loss)
-        self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr)
+        self.model.policy = recipe_value(config, "policy")
+        self.fixed_threshold = recipe_value(config, "threshold")  # None: calibrated after each epoch
+        if self.fixed_threshold is not None:
+            self.model.threshold = self.fixed_threshold
+        self.criterion = build_loss(config)
+        self.exit_phase = exit_phase_start(config, has_exits=len(self.model.exits) > 0)
+        self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
         self.payload = {"model_name": config.model, "model_kwargs": kwargs, "config": asdict(config)}
 
         self.start_epoch, self.history = 0, []
@@ -226,12 +309,17 @@ class Trainer:
         self.train_model = self.model
         if self.dist.world_size > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
+                # backbone-first leaves the exits, then the backbone, without gradients
+                find_unused_parameters=self.exit_phase is not None,
             )
 
     def _resume(self) -> None:
         checkpoint = load_checkpoint(self.out / "last.pt", map_location=self.device)
-        self.model.load_state_dict(checkpoint["model_state"])
+        apply_checkpoint(self.model, checkpoint)
+        self.model.policy = recipe_value(self.config, "policy")
+        if self.fixed_threshold is not None:
+            self.model.threshold = self.fixed_threshold
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.start_epoch = checkpoint["epoch"] + 1
         self.history = list(checkpoint["history"])
@@ -289,7 +377,9 @@ class Trainer:
             dist.barrier()
         return summary
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int, skip: int = 0) -> tuple[DataLoader, int]:
+        """The epoch's batches from batch ``skip`` on, and the number of batches in the whole epoch.
+        Skipped batches are not loaded: loading draws the augmentation's random shifts."""
         config, dist_info = self.config, self.dist
         if dist_info.world_size > 1:
             sampler = DistributedSampler(self.splits.train, dist_info.world_size, dist_info.rank, seed=config.seed)
@@ -297,28 +387,44 @@ class Trainer:
         else:  # the data order of each epoch depends on (seed, epoch) alone, so a resumed run repeats it
             generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
             sampler = RandomSampler(self.splits.train, generator=generator)
-        return DataLoader(self.splits.train, batch_size=config.batch_size, sampler=sampler)
+        steps = math.ceil(len(sampler) / config.batch_size)
+        if skip:
+            order = list(sampler)[skip * config.batch_size :]
+            return DataLoader(Subset(self.splits.train, order), batch_size=config.batch_size), steps
+        return DataLoader(self.splits.train, batch_size=config.batch_size, sampler=sampler), steps
 
     def _train_epoch(self, epoch: int, interruption: Interruption) -> torch.Tensor:
         """One pass over the training split; returns the mean (loss, ce, cost) over its samples."""
         model, criterion, optimizer = self.model, self.criterion, self.optimizer
         model.train()
+        split = self.exit_phase
+        backbone_phase = split is not None and epoch < split
+        exits_phase = split is not None and epoch >= split
+        for part in (*model.stages, model.classifier):  # frozen while the exits train alone
+            part.requires_grad_(not exits_phase)
+            part.train(not exits_phase)
+        model.exits.requires_grad_(not backbone_phase)  # no zero gradients for weight decay to act on
         sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, cost (sample-weighted)
         samples, skip = 0, 0
         if self.position is not None and self.position["epoch"] == epoch:  # go on where the run stopped
             p = self.position
             sums, samples, skip = torch.tensor(p["sums"], dtype=torch.float64), p["samples"], p["step"]
         self.position = None
-        batches = _progress(self._loader(epoch), self.bars, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False)
-        for step, (x, y) in enumerate(batches):
-            if step < skip:
-                continue
-            if step == skip and skip and self.resume_rng is not None:
-                torch.set_rng_state(self.resume_rng)  # the RNG as it was when the run stopped here
+        loader, steps = self._loader(epoch, skip)
+        data = iter(loader)  # draws the loader's base seed from the global RNG, as the stopped run's did
+        if skip and self.resume_rng is not None:
+            torch.set_rng_state(self.resume_rng)  # the RNG as it was when the run stopped here
+        batches = _progress(data, self.bars, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False,
+                            initial=skip, total=steps)
+        for step, (x, y) in enumerate(batches, start=skip):
             x, y = x.to(self.device), y.to(self.device)
             output = self.train_model(x)
-            loss, ce, cost = criterion.terms(output, y, model.costs)
-            values = torch.stack([loss.detach(), ce, cost]).double().cpu()  # one read per step
+            if backbone_phase:  # the backbone and its classifier, as the plain network trains
+                loss = ce = reference.exit_cross_entropy(output.logits[-1:], y)[0]
+                cost = model.costs[-1]
+            else:
+                loss, ce, cost = criterion.terms(output, y, model.costs)
+            values = torch.stack([loss.detach(), ce.detach(), cost.detach()]).double().cpu()  # one read per step
             if not math.isfinite(values[0].item()):
                 raise FloatingPointError(
                     f"the training loss is not finite at epoch {epoch + 1}, step {step + 1}; nothing of this "
@@ -326,6 +432,8 @@ class Trainer:
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(self.config, epoch, step, steps, self.exit_phase)
             optimizer.step()
             sums += values * x.shape[0]
             samples += x.shape[0]
@@ -346,6 +454,7 @@ class Trainer:
 
     def _state(self, epoch: int) -> dict:
         return {**self.payload, "model_state": self.model.state_dict(), "threshold": self.model.threshold,
+                "policy": self.model.policy, "exit_temperature": self.model.exit_temperature.tolist(),
                 "epoch": epoch, "history": self.history, "best_loss": self.best_loss,
                 "stale_epochs": self.stale_epochs}
 
@@ -357,7 +466,11 @@ class Trainer:
         """Validation, early-stopping state, history and checkpoints of a finished epoch."""
         model, splits = self.model, self.splits
         val_loss = validation_loss(model, self.criterion, splits.val, self.device, self.config.batch_size)
+        if self.fixed_threshold is None and model.exits:  # the thresholds this epoch's weights call for
+            calibrate(model, splits.val, self.device, budget=self.config.budget, max_drop=self.config.max_drop)
         val = evaluate(model, splits.val, self.device)
+        if epoch == self.exit_phase:  # the exits' phase: its own objective from here on
+            self.best_loss, self.stale_epochs = math.inf, 0
         improved = val_loss < self.best_loss - self.config.min_delta
         self.best_loss, self.stale_epochs = (val_loss, 0) if improved else (self.best_loss, self.stale_epochs + 1)
         row = {
@@ -401,14 +514,15 @@ class Trainer:
             dist.barrier()  # rank 0 has written its last checkpoint
         best = out / "best.pt"
         if best.exists():
-            model.load_state_dict(load_checkpoint(best, map_location=self.device)["model_state"])
+            apply_checkpoint(model, load_checkpoint(best, map_location=self.device))
         test: EvalResult = evaluate(model, self.splits.test, self.device)
         digests = [weights_digest(model)]
         if dist_info.world_size > 1:
             digests = [None] * dist_info.world_size
             dist.all_gather_object(digests, weights_digest(model))
         summary = {
-            "model": config.model, "dataset": config.dataset, "loss": config.loss, "lam": config.lam,
+            "model": config.model, "dataset": config.dataset, "recipe": config.recipe, "loss": config.loss,
+            "lam": config.lam, "policy": model.policy, "thresholds": model.threshold,
             "epochs_run": len(self.history), "exit_positions": model.exit_positions, "costs": model.costs.tolist(),
             "flops": model.flops, "test": test.to_dict(), "weights_sha256": digests[0],
             "ranks_identical": len(set(digests)) == 1, "world_size": dist_info.world_size,

@@ -78,14 +78,18 @@ def stage(block: type[BasicBlock], in_channels: int, planes: int, count: int, st
     return blocks
 
 
-def cifar_resnet(depth: int, num_classes: int, in_channels: int) -> tuple[list[nn.Module], nn.Module]:
-    """ResNet 6n+2: (blocks, classifier)."""
+def cifar_resnet(depth: int, num_classes: int, in_channels: int, width: float = 1.0) -> tuple[list[nn.Module], nn.Module]:
+    """ResNet 6n+2: (blocks, classifier). ``width`` scales the 16/32/64 filters (rounded; FLOPs
+    scale about as its square): the smaller static networks a budget is compared with."""
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"expected a ResNet depth of the form 6n+2 (8, 20, 32, ...), got {depth}")
+    if not 0 < width <= 16:
+        raise ValueError(f"expected a width multiplier in (0, 16], got {width}")
     n = (depth - 2) // 6
-    blocks: list[nn.Module] = [nn.Sequential(*conv_bn(in_channels, 16, 3), nn.ReLU(inplace=True))]
-    blocks += stage(BasicBlock, 16, 16, n, 1) + stage(BasicBlock, 16, 32, n, 2) + stage(BasicBlock, 32, 64, n, 2)
-    return blocks, classifier(64, num_classes)
+    a, b, c = (max(1, round(f * width)) for f in (16, 32, 64))
+    blocks: list[nn.Module] = [nn.Sequential(*conv_bn(in_channels, a, 3), nn.ReLU(inplace=True))]
+    blocks += stage(BasicBlock, a, a, n, 1) + stage(BasicBlock, a, b, n, 2) + stage(BasicBlock, b, c, n, 2)
+    return blocks, classifier(c, num_classes)
 
 
 IMAGENET_LAYOUTS = {
@@ -112,7 +116,8 @@ def imagenet_resnet(depth: int, num_classes: int, in_channels: int) -> tuple[lis
 
 
 def build(backbone, depth: int, *, num_classes: int = 10, input_shape=(3, 32, 32), **kwargs) -> EENet:
-    blocks, head = backbone(depth, num_classes, input_shape[0])
+    width = {"width": kwargs.pop("width")} if "width" in kwargs else {}  # the 6n+2 ResNets only
+    blocks, head = backbone(depth, num_classes, input_shape[0], **width)
     return EENet(blocks, head, num_classes=num_classes, input_shape=input_shape, **kwargs)
 
 
