@@ -40,25 +40,25 @@ EPOCHS = {"8": 30, "20": 20}  # what the 2-core CPU allows in a session for 3 se
 FILTERS = 4  # EENet-8's starting filters (the thesis's 2-8)
 
 # label -> (family, train options); "seeds": 1 marks the rows run once (slow, secondary)
-RUNS = {  # in order of importance: a job cut short has the first rows
+RUNS = {  # in order of importance: a job cut short has the first rows; "seeds": 1 marks rows run once
     "ResNet-20": ("20", dict(model="resnet20")),
     "EENet-20, eefast recipe": ("20", dict(model="eenet20")),
     "ResNet-8": ("8", dict(model="resnet8")),
     "EENet-8, eefast recipe": ("8", dict(model="eenet8")),
-    "EENet-8, thesis recipe (L_v2, T=0.5)": ("8", dict(model="eenet8", recipe="thesis")),
-    "EENet-8, thesis recipe, L_MC": ("8", dict(model="eenet8", recipe="thesis", loss="mc", seeds=1)),
-    "EENet-8, thesis recipe, L_Cost": ("8", dict(model="eenet8", recipe="thesis", loss="cost", seeds=1)),
-    "EENet-8, eefast recipe without distillation": ("8", dict(model="eenet8", distill=0.0, seeds=1)),
-    "EENet-8, eefast recipe, thesis terms into the classifiers": ("8", dict(model="eenet8", confidence_only=False,
-                                                                             seeds=1)),
-    "EENet-8, thesis loss, calibrated": ("8", dict(model="eenet8", exit_weight=0.0, distill=0.0,
-                                                    confidence_only=False, seeds=1)),
+    "EENet-8, thesis recipe (L_v2, T=0.5)": ("8", dict(model="eenet8", recipe="thesis", seeds=1)),
+    "EENet-8, thesis recipe, L_MC, 10 epochs": ("8", dict(model="eenet8", recipe="thesis", loss="mc", epochs=10,
+                                                          seeds=1)),
+    "EENet-8, thesis recipe, L_Cost, 10 epochs": ("8", dict(model="eenet8", recipe="thesis", loss="cost", epochs=10,
+                                                            seeds=1)),
     "EENet-20, thesis recipe (L_v2, T=0.5)": ("20", dict(model="eenet20", recipe="thesis", seeds=1)),
+    "ResNet-20 width 0.7": ("20", dict(model="resnet20", extra={"width": 0.7}, seeds=1)),
     "EENet-8, eefast recipe, joint schedule": ("8", dict(model="eenet8", schedule="joint", seeds=1)),
     "EENet-20, eefast recipe, joint schedule": ("20", dict(model="eenet20", schedule="joint", seeds=1)),
+    "EENet-8, thesis loss, backbone first, calibrated": ("8", dict(model="eenet8", exit_weight=0.0, distill=0.0,
+                                                                    confidence_only=False, seeds=1)),
     "ResNet-20 width 0.5": ("20", dict(model="resnet20", extra={"width": 0.5}, seeds=1)),
-    "ResNet-20 width 0.7": ("20", dict(model="resnet20", extra={"width": 0.7}, seeds=1)),
     "ResNet-20 width 0.875": ("20", dict(model="resnet20", extra={"width": 0.875}, seeds=1)),
+    "EENet-8, eefast recipe without distillation": ("8", dict(model="eenet8", distill=0.0, seeds=1)),
 }
 THESIS_ROWS = [  # Tables 4.1 and 4.2 of the thesis (full MNIST, 10,000 test images, EENet-8)
     ("ResNet-8 (thesis, Table 4.1)", "- / - / 10000", 97.38, 1.00),
@@ -89,8 +89,9 @@ def config_for(label: str, seed: int, root: Path) -> TrainConfig:
         options["filters"] = FILTERS
     else:
         options.setdefault("extra", {})["input_shape"] = [1, 28, 28]
-    config = TrainConfig(seed=seed, out=str(run_dir(root, label, seed)), quiet=True, plots=False, **options)
-    config.epochs = EPOCHS[family]
+    options.setdefault("epochs", EPOCHS[family])
+    config = TrainConfig(seed=seed, out=str(run_dir(root, label, seed)), quiet=True, plots=False, exit_epochs=5,
+                         **options)
     if exit_phase_start(config) is not None and options["model"].startswith("eenet"):
         config.epochs += config.exit_epochs  # the backbone trains as long as the plain baseline
     return config

@@ -56,7 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     lr_schedule: str = "cosine"  # or "constant"; per phase of the schedule
     schedule: str | None = None  # SCHEDULES; None: the recipe's
-    exit_epochs: int = 5  # backbone-first: the last epochs, which train the exits alone
+    exit_epochs: int | None = None  # backbone-first: the last epochs, which train the exits alone (None: epochs / 6)
     augment: bool = True
     batch_size: int = 64
     epochs: int = 30
@@ -74,6 +74,17 @@ class TrainConfig:
     quiet: bool = False
     plots: bool = True
     extra: dict = field(default_factory=dict)  # more create_model arguments
+
+
+class FinalExitLoss:
+    """The final exit's cross-entropy alone, with ``EENetLoss``'s call and ``terms``."""
+
+    def __call__(self, output, target: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+        return reference.exit_cross_entropy(output.logits[-1:], target)[0]
+
+    def terms(self, output, target: torch.Tensor, costs: torch.Tensor):
+        loss = self(output, target, costs)
+        return loss, loss.detach(), costs[-1]
 
 
 @dataclass
@@ -141,9 +152,13 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> 
 
 
 def exit_phase_start(config: TrainConfig, has_exits: bool = True) -> int | None:
-    """The first epoch that trains the exits alone (backbone-first with early exits), or None."""
+    """The first epoch that trains the exits alone (backbone-first with early exits), or None.
+    ``exit_epochs`` defaults to a sixth of the run (at least 1); a run of one epoch cannot be split
+    and trains jointly unless ``exit_epochs`` is given."""
     if recipe_value(config, "schedule") == "joint" or not has_exits:
         return None
+    if config.exit_epochs is None:
+        return None if config.epochs < 2 else config.epochs - max(1, round(config.epochs / 6))
     return config.epochs - config.exit_epochs
 
 
@@ -281,7 +296,7 @@ class Trainer:
             raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; expected one of {LR_SCHEDULES}")
         if recipe_value(config, "schedule") not in SCHEDULES:
             raise ValueError(f"unknown schedule {config.schedule!r}; expected one of {SCHEDULES}")
-        if not 0 < config.exit_epochs < config.epochs and recipe_value(config, "schedule") == "backbone-first":
+        if config.exit_epochs is not None and not 0 < config.exit_epochs < config.epochs:
             raise ValueError(f"--schedule backbone-first: expected 0 < --exit-epochs < --epochs ({config.epochs}), "
                              f"got {config.exit_epochs}")
         self.splits = load_dataset(config.dataset, config.data_root, config.download, config.seed,
@@ -361,7 +376,10 @@ class Trainer:
             costs = ", ".join(f"{c:.3f}" for c in model.costs.tolist())
             print(f"{config.model} on {config.dataset} ({len(self.splits.train)} train / {len(self.splits.val)} val / "
                   f"{len(self.splits.test)} test), exits after blocks {model.exit_positions}, costs [{costs}], "
-                  f"loss {config.loss} lam {config.lam}, device {self.device}"
+                  f"recipe {config.recipe} (loss {config.loss} lam {config.lam}, "
+                  + ("joint training" if self.exit_phase is None else
+                     f"backbone first, exits alone from epoch {self.exit_phase + 1}")
+                  + f", exit policy {model.policy}), device {self.device}"
                   + (f", {self.dist.world_size} processes" if self.dist.world_size > 1 else ""))
         with Interruption() as interruption:
             for epoch in range(self.start_epoch, config.epochs):
@@ -395,7 +413,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, interruption: Interruption) -> torch.Tensor:
         """One pass over the training split; returns the mean (loss, ce, cost) over its samples."""
-        model, criterion, optimizer = self.model, self.criterion, self.optimizer
+        model, criterion, optimizer = self.model, self._criterion(epoch), self.optimizer
         model.train()
         split = self.exit_phase
         backbone_phase = split is not None and epoch < split
@@ -419,11 +437,7 @@ class Trainer:
         for step, (x, y) in enumerate(batches, start=skip):
             x, y = x.to(self.device), y.to(self.device)
             output = self.train_model(x)
-            if backbone_phase:  # the backbone and its classifier, as the plain network trains
-                loss = ce = reference.exit_cross_entropy(output.logits[-1:], y)[0]
-                cost = model.costs[-1]
-            else:
-                loss, ce, cost = criterion.terms(output, y, model.costs)
+            loss, ce, cost = criterion.terms(output, y, model.costs)
             values = torch.stack([loss.detach(), ce.detach(), cost.detach()]).double().cpu()  # one read per step
             if not math.isfinite(values[0].item()):
                 raise FloatingPointError(
@@ -441,6 +455,13 @@ class Trainer:
             if signum is not None:
                 self._save_interrupted(epoch, step + 1, sums, samples, signum)
         return _reduce_mean(sums / max(samples, 1), self.dist)
+
+    def _criterion(self, epoch: int):
+        """The objective of the epoch's phase: backbone-first's first phase trains the backbone and
+        its classifier on the final exit's cross-entropy, as the plain network trains."""
+        if self.exit_phase is not None and epoch < self.exit_phase:
+            return FinalExitLoss()
+        return self.criterion
 
     def _stop_signal(self, interruption: Interruption) -> int | None:
         """The signal to stop on, checked after every step and epoch. Under torch.distributed the
@@ -465,7 +486,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, means: torch.Tensor) -> None:
         """Validation, early-stopping state, history and checkpoints of a finished epoch."""
         model, splits = self.model, self.splits
-        val_loss = validation_loss(model, self.criterion, splits.val, self.device, self.config.batch_size)
+        val_loss = validation_loss(model, self._criterion(epoch), splits.val, self.device, self.config.batch_size)
         if self.fixed_threshold is None and model.exits:  # the thresholds this epoch's weights call for
             calibrate(model, splits.val, self.device, budget=self.config.budget, max_drop=self.config.max_drop)
         val = evaluate(model, splits.val, self.device)

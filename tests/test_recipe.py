@@ -3,6 +3,7 @@ the learning-rate schedule, the augmentation and the recipes' settings."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -136,3 +137,20 @@ def test_backbone_first_trains_the_backbone_then_the_exits_alone(tmp_path):
     assert learning_rate(config, 0, 5, 10, split=1) == pytest.approx(config.lr / 2)
     with pytest.raises(ValueError, match=r"expected 0 < --exit-epochs < --epochs \(2\), got 2"):
         Trainer(TrainConfig(model="eenet8", epochs=2, exit_epochs=2, out=str(tmp_path)))
+
+
+def test_backbone_phase_is_judged_on_its_own_objective(tmp_path):
+    """The backbone phase's validation loss was the whole recipe's, which untrained exits keep from
+    improving: early stopping ended runs before their exits' phase."""
+    from eefast.train import FinalExitLoss, Trainer
+
+    trainer = Trainer(TrainConfig(model="eenet8", filters=2, epochs=3, exit_epochs=1, batch_size=256, quiet=True,
+                                  plots=False, out=str(tmp_path)))
+    trainer.run()
+    assert isinstance(trainer._criterion(0), FinalExitLoss) and trainer._criterion(2) is trainer.criterion
+    history = json.loads((tmp_path / "history.json").read_text())
+    # the final exit's cross-entropy (about log 10 at first), not the recipe's sum over exits
+    assert history[0]["val_loss"] < 2.5 < history[2]["val_loss"]
+    out = eefast.EENetOutput(torch.randn(3, 5, 10), torch.randn(2, 5))
+    target = torch.arange(5)
+    assert FinalExitLoss()(out, target, torch.ones(3)) == F.cross_entropy(out.logits[-1], target)
