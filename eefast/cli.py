@@ -153,6 +153,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="joint (every part from the start) or backbone-first (then the exits alone on the "
                              "frozen backbone for the last --exit-epochs); the recipe's")
     parser.add_argument("--exit-epochs", type=int, help="backbone-first: epochs of the exits' phase (a sixth of --epochs)")
+    parser.add_argument("--exit-lr", type=float, help="backbone-first: learning rate of the exits' phase (10 x --lr)")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="no training-set augmentation (random shifts / crops)")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -133,7 +133,9 @@ def test_backbone_first_trains_the_backbone_then_the_exits_alone(tmp_path):
     assert all(torch.equal(after[k], v) for k, v in backbone.items())
     assert all(not torch.equal(model.exits.state_dict()[k], v) for k, v in exits_before.items())
     # the learning rate restarts its cosine in each phase
-    assert learning_rate(config, 1, 0, 10, split=1) == config.lr
+    assert learning_rate(config, 1, 0, 10, split=1) == 10 * config.lr  # the exits' phase: --exit-lr
+    config.exit_lr = 0.5
+    assert learning_rate(config, 1, 0, 10, split=1) == 0.5
     assert learning_rate(config, 0, 5, 10, split=1) == pytest.approx(config.lr / 2)
     with pytest.raises(ValueError, match=r"expected 0 < --exit-epochs < --epochs \(2\), got 2"):
         Trainer(TrainConfig(model="eenet8", epochs=2, exit_epochs=2, out=str(tmp_path)))
