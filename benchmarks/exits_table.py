@@ -54,6 +54,13 @@ RUNS = {  # in order of importance: a job cut short has the first rows; "seeds":
     "ResNet-20 width 0.7": ("20", dict(model="resnet20", extra={"width": 0.7}, seeds=1)),
     "EENet-8, eefast recipe, joint schedule": ("8", dict(model="eenet8", schedule="joint", seeds=1)),
     "EENet-20, eefast recipe, joint schedule": ("20", dict(model="eenet20", schedule="joint", seeds=1)),
+    "EENet-20, eefast recipe, backbone first (frozen)": ("20", dict(model="eenet20", schedule="backbone-first",
+                                                                    seeds=1)),
+    "EENet-20, eefast recipe, backbone then joint": ("20", dict(model="eenet20", schedule="backbone-then-joint",
+                                                                seeds=1)),
+    "EENet-20, eefast recipe, joint schedule, without distillation": ("20", dict(model="eenet20", schedule="joint",
+                                                                                 distill=0.0, seeds=1)),
+    "EENet-8, eefast recipe, backbone first (frozen)": ("8", dict(model="eenet8", schedule="backbone-first", seeds=1)),
     "EENet-8, thesis loss, backbone first, calibrated": ("8", dict(model="eenet8", exit_weight=0.0, distill=0.0,
                                                                     confidence_only=False, seeds=1)),
     "ResNet-20 width 0.5": ("20", dict(model="resnet20", extra={"width": 0.5}, seeds=1)),
@@ -74,12 +81,17 @@ def run_dir(root: Path, label: str, seed: int) -> Path:
     return root / f"{slug}_seed{seed}"
 
 
+PRIORITY = ["EENet-20, eefast recipe, backbone then joint", "EENet-20, eefast recipe, joint schedule, without distillation"]
+
+
 def all_runs() -> list[tuple[str, int]]:
     """Every (label, seed): the rows of three seeds first, seed 0 before 1 and 2, then the rest,
     so that a job cut short has the headline rows."""
     repeated = [label for label, (_, options) in RUNS.items() if options.get("seeds", len(SEEDS)) > 1]
     order = [(label, seed) for seed in SEEDS for label in repeated]
-    return order + [(label, 0) for label in RUNS if label not in repeated]
+    order += [(label, 0) for label in RUNS if label not in repeated]
+    first = [(label, 0) for label in PRIORITY]
+    return first + [run for run in order if run not in first]
 
 
 def config_for(label: str, seed: int, root: Path) -> TrainConfig:

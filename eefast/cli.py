@@ -150,8 +150,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-schedule", default="cosine", choices=list(LR_SCHEDULES),
                         help="learning rate over each phase of the schedule")
     parser.add_argument("--schedule", choices=list(SCHEDULES),
-                        help="joint (every part from the start) or backbone-first (then the exits alone on the "
-                             "frozen backbone for the last --exit-epochs); the recipe's")
+                        help="joint (every part from the start), backbone-first (then the exits alone on the "
+                             "frozen backbone for the last --exit-epochs) or backbone-then-joint (then every part "
+                             "together); the recipe's")
     parser.add_argument("--exit-epochs", type=int, help="backbone-first: epochs of the exits' phase (a sixth of --epochs)")
     parser.add_argument("--exit-lr", type=float, help="backbone-first: learning rate of the exits' phase (10 x --lr)")
     parser.add_argument("--no-augment", dest="augment", action="store_false",

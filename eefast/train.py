@@ -139,7 +139,8 @@ LR_SCHEDULES = ("cosine", "constant")
 # backbone-first: the backbone and its classifier train alone on the final exit's cross-entropy,
 # then, for the last ``exit_epochs``, the exits alone on the frozen backbone (its weights and
 # batch-norm statistics stay as they are), as SDN trains its internal classifiers.
-SCHEDULES = ("joint", "backbone-first")
+# backbone-then-joint: the same first phase, then every part together for the last ``exit_epochs``.
+SCHEDULES = ("joint", "backbone-first", "backbone-then-joint")
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -168,7 +169,7 @@ def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: i
     (the whole run, or backbone-first's two phases). A function of the step alone, so a resumed
     run needs no scheduler state. ``split``: the first epoch of the exits' phase, if any."""
     lr = config.lr
-    if split is not None and epoch >= split:
+    if split is not None and epoch >= split and recipe_value(config, "schedule") == "backbone-first":
         # the exits alone are linear heads on small pooled features of a frozen backbone: at the
         # backbone's rate they barely move in a few epochs (EENet-8's exits, 3 epochs, validation:
         # 14 % / 18 % at 2e-3, 22 % / 52 % at 2e-2; benchmarks/results/mnist_sample_exits.md)
@@ -424,7 +425,7 @@ class Trainer:
         model.train()
         split = self.exit_phase
         backbone_phase = split is not None and epoch < split
-        exits_phase = split is not None and epoch >= split
+        exits_phase = split is not None and epoch >= split and recipe_value(self.config, "schedule") == "backbone-first"
         for part in (*model.stages, model.classifier):  # frozen while the exits train alone
             part.requires_grad_(not exits_phase)
             part.train(not exits_phase)

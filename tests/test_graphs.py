@@ -109,9 +109,14 @@ def test_a_saved_model_with_graphs_loads_with_none_captured(tmp_path):
 def test_training_mode_and_empty_batches_run_eagerly():
     model = with_stand_in_graphs(warmed_model("eenet8", filters=4))
     assert model.predict(torch.randn(0, *model.input_shape)).logits.shape == (0, 10)
-    model.train()
-    model.predict(torch.randn(4, *model.input_shape))
-    assert len(model.segment_graphs) == 0
+    x = torch.randn(4, *model.input_shape)
+    expected = model.predict(x)
+    model.train()  # predict runs as in eval mode, graphs and all; the model stays in training mode
+    pred = model.predict(x)
+    assert model.training and torch.equal(pred.exit, expected.exit) and torch.equal(pred.logits, expected.logits)
+    captured = len(model.segment_graphs)
+    model(x)  # the training forward runs eagerly: no graph captured
+    assert len(model.segment_graphs) == captured
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")

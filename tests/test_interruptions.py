@@ -106,7 +106,7 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_pa
         return (loss * float("nan") if calls["n"] == steps_per_epoch + 5 else loss), ce, cost
 
     monkeypatch.setattr(EENetLoss, "terms", poisoned)
-    config = TrainConfig(model="eenet8", filters=2, batch_size=64, epochs=3, schedule="joint", quiet=True, plots=False,
+    config = TrainConfig(model="eenet8", filters=2, batch_size=64, epochs=3, recipe="thesis", quiet=True, plots=False,
                          out=str(tmp_path))
     with pytest.raises(FloatingPointError, match="not finite at epoch 2, step 5;.*last good checkpoint"):
         train(config)

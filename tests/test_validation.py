@@ -47,7 +47,7 @@ def test_loss_options():
         eefast.eenet_loss(*loss_args(), lam=-1.0)
     with pytest.raises(ValueError, match=r"expected version in \('v1', 'v2', 'mc', 'cost'\), got 'v3'"):
         eefast.eenet_loss(*loss_args(), version="v3")
-    with pytest.raises(ValueError, match="expected lam >= 0"):
+    with pytest.raises(ValueError, match="expected a finite lam >= 0, got nan"):
         eefast.EENetLoss(lam=float("nan"))
 
 
