@@ -133,6 +133,29 @@ def test_threshold_sweep(trained_run, tmp_path):
     assert (tmp_path / "sweep_threshold.png").stat().st_size > 0
 
 
+def test_default_recipe_calibrates_its_exit_rule(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["recipe"] == "eefast" and summary["policy"] == "max_prob"
+    best = load_checkpoint(trained_run / "best.pt")
+    assert best["threshold"] == summary["thresholds"] != [0.5, 0.5]  # fitted on the validation split
+    assert best["exit_temperature"] != [1.0, 1.0]
+
+
+def test_eval_under_another_policy_and_the_budget_sweep(trained_run, tmp_path):
+    checkpoint = str(trained_run / "best.pt")
+    result = run_cli("eval", "--checkpoint", checkpoint, "--policy", "entropy", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["policy"] == "entropy" and report["thresholds"] != load_checkpoint(checkpoint)["threshold"]
+    assert cli.main(["sweep", "budget", "--checkpoint", checkpoint, "--baseline", checkpoint, "--budgets", "0.3", "1",
+                     "--out", str(tmp_path)]) == 0
+    sweep = json.loads((tmp_path / "sweep_budget.json").read_text())
+    assert [(r["policy"], r["budget"]) for r in sweep["rows"]] == [
+        (p, b) for p in ("confidence", "max_prob", "entropy") for b in (0.3, 1.0)]
+    assert all(r["relative_cost"] <= r["budget"] + 0.05 for r in sweep["rows"])  # fitted on validation, cost on test
+    assert len(sweep["fixed"]) == 1 and (tmp_path / "sweep_budget.png").stat().st_size > 0
+
+
 def test_plots_are_written(tmp_path):
     result = run_cli("train", *[a for a in TINY if a != "--no-plots"], "--epochs", "1", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
