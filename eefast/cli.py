@@ -16,7 +16,7 @@ from eefast import _ext, ops, reference
 from eefast._version import __version__
 from eefast.checkpoint import load_checkpoint, model_from_checkpoint
 from eefast.data import DATASETS, load_dataset
-from eefast.evaluate import (DEFAULT_MAX_DROP, THRESHOLD_GRID, budget_table, calibrate, collect_exits, evaluate,
+from eefast.evaluate import (THRESHOLD_GRID, budget_table, calibrate, collect_exits, evaluate,
                              exit_outputs, threshold_sweep)
 from eefast.models import create_model
 from eefast.placement import DISTRIBUTIONS
@@ -166,8 +166,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, nargs="+",
                         help="fixed thresholds, one or one per early exit (default: the recipe's)")
     parser.add_argument("--budget", type=float, help="calibrate the thresholds for this relative cost")
-    parser.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
-                        help="calibration: accuracy points below the final exit allowed on validation")
+    parser.add_argument("--max-drop", type=float,
+                        help="calibrate the cheapest thresholds within this many accuracy points of the final exit on "
+                             "validation (default: every threshold at the final exit's validation accuracy)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -202,8 +203,7 @@ def eval_command(args: argparse.Namespace) -> int:
         model.threshold = _parse_thresholds(args.threshold)
     elif model.exits and (args.budget is not None or args.max_drop is not None or policy_changed):
         # another rule's thresholds do not carry over: fitted again on the validation split
-        calibrate(model, splits.val, device, budget=args.budget,
-                  max_drop=DEFAULT_MAX_DROP if args.max_drop is None else args.max_drop)
+        calibrate(model, splits.val, device, budget=args.budget, max_drop=args.max_drop)
     result = evaluate(model, splits.test, device, batch_size=args.batch_size, mode=args.mode)
     report = {"checkpoint": str(args.checkpoint), "model": payload["model_name"], "budget": args.budget,
               "policy": model.policy, **result.to_dict()}
@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--policy", choices=list(EXIT_POLICIES),
                              help="exit rule (default: the checkpoint's); another one is calibrated on validation")
     eval_parser.add_argument("--max-drop", type=float,
-                             help=f"calibrate: the cheapest thresholds within this many accuracy points of the final "
-                                  f"exit on validation (default {DEFAULT_MAX_DROP} where calibrating)")
+                             help="calibrate: the cheapest thresholds within this many accuracy points of the final "
+                                  "exit on validation (default where calibrating: the final exit's accuracy)")
     eval_parser.add_argument("--mode", default="compact", choices=["compact", "mask", "sample"])
     eval_parser.add_argument("--batch-size", type=int, default=256)
     eval_parser.add_argument("--device", default="auto")

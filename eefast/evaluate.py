@@ -228,19 +228,33 @@ def thresholds_for_drop(outputs: ExitOutputs, costs: torch.Tensor, max_drop: flo
     return best
 
 
+def thresholds_for_final_accuracy(outputs: ExitOutputs) -> list[float]:
+    """Every exit's threshold at the final exit's accuracy on these samples (as a fraction): a
+    sample leaves early once its calibrated score says it is at least as likely right as the final
+    exit is on average. One statistic of all the samples, where ``thresholds_for_drop`` reads a
+    difference of a few of them."""
+    if outputs.confidence.shape[0] == 0:
+        raise ValueError("calibrating thresholds needs early exits; this model has only its final exit")
+    accuracy = outputs.correct[-1].double().mean().item()
+    return [accuracy] * outputs.confidence.shape[0]
+
+
 def calibrate(model: EENet, dataset: Dataset, device: str | torch.device = "cpu", budget: float | None = None,
-              max_drop: float = DEFAULT_MAX_DROP) -> list[float]:
+              max_drop: float | None = None) -> list[float]:
     """Fits the model's exit rule on held-out ``dataset`` (the validation split): per-exit
-    temperatures (``eefast.policies.fit_temperatures``), then thresholds for the relative-cost
-    ``budget`` or, without one, the cheapest within ``max_drop`` points of the final exit. Sets
-    and returns the thresholds."""
+    temperatures (``eefast.policies.fit_temperatures``), then thresholds: for the relative-cost
+    ``budget``; or the cheapest within ``max_drop`` points of the final exit; or, with neither
+    (the default), every threshold at the final exit's accuracy (``thresholds_for_final_accuracy``).
+    Sets and returns the thresholds."""
     raw = collect_exits(model, dataset, device)
     model.set_exit_temperature(fit_temperatures(raw.logits[:-1], raw.target))
     outputs = raw.scored(model.policy, model.exit_temperature)
     if budget is not None:
         model.threshold = thresholds_for_budget(outputs, model.costs, budget)
-    else:
+    elif max_drop is not None:
         model.threshold = thresholds_for_drop(outputs, model.costs, max_drop)
+    else:
+        model.threshold = thresholds_for_final_accuracy(outputs)
     return model.threshold
 
 

@@ -66,7 +66,7 @@ class TrainConfig:
     policy: str | None = None  # None: the recipe's
     threshold: float | list[float] | None = None  # None: the recipe's (calibrated thresholds, or 0.5)
     budget: float | None = None  # calibrate the thresholds for this relative cost instead
-    max_drop: float = 0.25  # calibration: accuracy points below the final exit's, on validation
+    max_drop: float | None = None  # calibrate the cheapest thresholds within this many points instead
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -191,8 +191,8 @@ def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: i
 RECIPES = {
     "thesis": dict(exit_weight=0.0, distill=0.0, confidence_only=False, policy="confidence", threshold=0.5,
                    schedule="joint"),
-    "eefast": dict(exit_weight=1.0, distill=1.0, confidence_only=True, policy="max_prob", threshold=None,
-                   schedule="backbone-first"),
+    "eefast": dict(exit_weight=1.0, distill=0.0, confidence_only=True, policy="max_prob", threshold=None,
+                   schedule="joint"),
 }
 
 
@@ -543,7 +543,14 @@ class Trainer:
             dist.barrier()  # rank 0 has written its last checkpoint
         best = out / "best.pt"
         if best.exists():
-            apply_checkpoint(model, load_checkpoint(best, map_location=self.device))
+            payload = load_checkpoint(best, map_location=self.device)
+            apply_checkpoint(model, payload)
+            if self.fixed_threshold is None and model.exits and dist_info.is_main:
+                # the rule as this run calibrates it (the epoch's calibration, done again: a resumed
+                # run of an older version reports by today's rule)
+                calibrate(model, self.splits.val, self.device, budget=config.budget, max_drop=config.max_drop)
+                save_checkpoint(best, {**payload, "threshold": model.threshold, "policy": model.policy,
+                                       "exit_temperature": model.exit_temperature.tolist()})
         test: EvalResult = evaluate(model, self.splits.test, self.device)
         digests = [weights_digest(model)]
         if dist_info.world_size > 1:
