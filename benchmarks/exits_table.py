@@ -79,17 +79,13 @@ def run_dir(root: Path, label: str, seed: int) -> Path:
     return root / f"{slug}_seed{seed}"
 
 
-PRIORITY: list[str] = []  # labels to run first (seed 0)
-
-
 def all_runs() -> list[tuple[str, int]]:
     """Every (label, seed): the rows of three seeds first, seed 0 before 1 and 2, then the rest,
     so that a job cut short has the headline rows."""
     repeated = [label for label, (_, options) in RUNS.items() if options.get("seeds", len(SEEDS)) > 1]
     order = [(label, seed) for seed in SEEDS for label in repeated]
     order += [(label, 0) for label in RUNS if label not in repeated]
-    first = [(label, 0) for label in PRIORITY]
-    return first + [run for run in order if run not in first]
+    return order
 
 
 def config_for(label: str, seed: int, root: Path) -> TrainConfig:
@@ -109,7 +105,8 @@ def config_for(label: str, seed: int, root: Path) -> TrainConfig:
 
 def train_command(args) -> None:
     """Trains the runs not yet done; several of these jobs can share the list (each claims a run
-    by creating its directory's lock first)."""
+    by creating its directory's lock first). A run stopped by a signal keeps its lock: remove
+    ``RUN.lock`` and it goes on from its ``last.pt``."""
     for label, seed in all_runs():
         out = run_dir(args.runs, label, seed)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,8 +67,8 @@ def model_from_checkpoint(payload: dict):
     model = create_model(name, **kwargs)
     try:
         apply_checkpoint(model, payload)
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint weights do not fit model {name!r} {kwargs}: {error}") from error
+    except (RuntimeError, ValueError) as error:  # weights of another shape; a policy or rule that does not fit
+        raise CheckpointError(f"checkpoint weights or exit rule do not fit model {name!r} {kwargs}: {error}") from error
     return model
 
 

@@ -135,8 +135,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default="data", help="where torchvision / folder datasets live")
     parser.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
     parser.add_argument("--recipe", default="eefast", choices=list(RECIPES),
-                        help="eefast (default): deep supervision, distillation, confidence heads trained by the "
-                             "thesis's terms alone, calibrated thresholds; thesis: the thesis's loss, T = 0.5")
+                        help="eefast (default): each exit's own cross-entropy, confidence heads trained by the "
+                             "thesis's terms alone, max_prob with calibrated thresholds; thesis: the thesis's loss, T = 0.5")
     parser.add_argument("--loss", default="v2", choices=list(reference.LOSS_VERSIONS))
     parser.add_argument("--lam", type=float, default=1.0, help="accuracy/cost trade-off lambda")
     parser.add_argument("--exit-weight", type=float, help="weight of each exit's own cross-entropy (recipe's)")
@@ -201,6 +201,8 @@ def eval_command(args: argparse.Namespace) -> int:
         model.policy = args.policy
     if args.threshold:
         model.threshold = _parse_thresholds(args.threshold)
+    elif not model.exits and (args.budget is not None or args.max_drop is not None):
+        raise ValueError(f"--budget / --max-drop calibrate early exits; {payload['model_name']} has only its final exit")
     elif model.exits and (args.budget is not None or args.max_drop is not None or policy_changed):
         # another rule's thresholds do not carry over: fitted again on the validation split
         calibrate(model, splits.val, device, budget=args.budget, max_drop=args.max_drop)

@@ -122,7 +122,8 @@ class EENet(nn.Module):
         self.flops = exit_flops(profile, positions, head_flops)  # FLOPs paid to leave at each exit
         self.register_buffer("costs", torch.tensor(exit_costs(profile, positions, head_flops)), persistent=False)
         # per early exit, the softmax temperature of the max_prob / entropy policies (fitted on
-        # validation data by eefast.policies.fit_temperatures; checkpoints carry it)
+        # validation data by eefast.policies.fit_temperatures). Not in state_dict (older state
+        # dicts load as they are): eefast's checkpoints carry it, with the policy, beside the state.
         self.register_buffer("exit_temperature", torch.ones(len(positions)), persistent=False)
         self.threshold = threshold
         self.inference_mode = "compact"
@@ -190,10 +191,13 @@ class EENet(nn.Module):
         self._policy = value
 
     def set_exit_temperature(self, values: Sequence[float] | Tensor) -> None:
-        """Sets the per-exit softmax temperatures in place (CUDA graphs see the new values)."""
+        """Sets the per-exit softmax temperatures in place (CUDA graphs see the new values; a measured
+        compaction plan, which holds the old exit mix, is dropped)."""
         values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
         if values.numel() != len(self.exits) or not bool(torch.isfinite(values).all() and (values > 0).all()):
             raise ValueError(f"EENet: expected {len(self.exits)} finite temperatures > 0, got {values.tolist()}")
+        if not torch.equal(values, self.exit_temperature.cpu()):
+            self.compaction_plan = None
         self.exit_temperature.copy_(values)
 
     def exit_scores(self, output: EENetOutput) -> Tensor:
@@ -306,8 +310,8 @@ class EENet(nn.Module):
                                   f"plan_compaction is called again", stacklevel=2)
         # Inference always runs in eval mode: in training mode batch norm would normalise each
         # batch (or sample) by its own statistics, update the running ones, and the modes disagree.
-        was_training = self.training
-        if was_training:
+        modes = {module: module.training for module in self.modules()} if self.training else None
+        if modes:
             self.eval()
         try:
             if mode == "compact":
@@ -317,8 +321,8 @@ class EENet(nn.Module):
             else:
                 logits, exit_index = self._predict_samples(x)
         finally:
-            if was_training:
-                self.train()
+            for module, training in (modes or {}).items():  # each module as it was (frozen parts stay frozen)
+                module.training = training
         return Prediction(logits, exit_index, self.costs[exit_index])
 
     def plan_compaction(self, x: Tensor, repeats: int = 3) -> CompactionPlan:
@@ -478,6 +482,9 @@ class EENetLoss(nn.Module):
                 raise ValueError(f"EENetLoss: expected a finite {name} >= 0, got {value}")
         if not (distill_temperature > 0 and distill_temperature < float("inf")):
             raise ValueError(f"EENetLoss: expected a finite distill_temperature > 0, got {distill_temperature}")
+        if confidence_only and not (exit_weight or distill):
+            raise ValueError("EENetLoss: confidence_only keeps the thesis's terms off the classifiers, and with "
+                             f"exit_weight={exit_weight} and distill={distill} no loss term would train the classifiers")
         self.lam = lam
         self.version = version
         self.impl = impl  # None: eefast.ops chooses (Triton on CUDA tensors)

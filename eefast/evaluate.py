@@ -230,8 +230,8 @@ def thresholds_for_drop(outputs: ExitOutputs, costs: torch.Tensor, max_drop: flo
 
 def thresholds_for_final_accuracy(outputs: ExitOutputs) -> list[float]:
     """Every exit's threshold at the final exit's accuracy on these samples (as a fraction): a
-    sample leaves early once its calibrated score says it is at least as likely right as the final
-    exit is on average. One statistic of all the samples, where ``thresholds_for_drop`` reads a
+    sample leaves early once its score (a temperature-scaled probability under ``max_prob``)
+    says it is at least as likely right as the final exit is on average. One statistic of all the samples, where ``thresholds_for_drop`` reads a
     difference of a few of them."""
     if outputs.confidence.shape[0] == 0:
         raise ValueError("calibrating thresholds needs early exits; this model has only its final exit")

@@ -52,9 +52,8 @@ def fit_temperatures(
             temperatures.append(1.0)
             continue
 
-        def nll(grid: Tensor) -> Tensor:  # [T] mean NLL at each temperature
-            log_p = (exit_logits[None] / grid[:, None, None]).log_softmax(-1)  # [T, N, K]
-            return -log_p.gather(2, target.view(1, -1, 1).expand(grid.numel(), -1, 1)).mean(dim=(1, 2))
+        def nll(grid: Tensor) -> Tensor:  # [T] mean NLL at each temperature, one [N, K] at a time
+            return torch.stack([-(exit_logits / t).log_softmax(-1).gather(1, target.view(-1, 1)).mean() for t in grid])
 
         grid = TEMPERATURE_GRID
         best = int(nll(grid).argmin())

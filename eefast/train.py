@@ -154,7 +154,7 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> 
 
 
 def exit_phase_start(config: TrainConfig, has_exits: bool = True) -> int | None:
-    """The first epoch that trains the exits alone (backbone-first with early exits), or None.
+    """The first epoch of the exits' phase (backbone-first, backbone-then-joint), or None (joint).
     ``exit_epochs`` defaults to a sixth of the run (at least 1); a run of one epoch cannot be split
     and trains jointly unless ``exit_epochs`` is given."""
     if recipe_value(config, "schedule") == "joint" or not has_exits:
@@ -166,7 +166,7 @@ def exit_phase_start(config: TrainConfig, has_exits: bool = True) -> int | None:
 
 def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int, split: int | None = None) -> float:
     """The learning rate of a step: constant, or cosine-annealed from ``lr`` to 0 over each phase
-    (the whole run, or backbone-first's two phases). A function of the step alone, so a resumed
+    (the whole run, or the two phases of backbone-first and backbone-then-joint). A function of the step alone, so a resumed
     run needs no scheduler state. ``split``: the first epoch of the exits' phase, if any."""
     lr = config.lr
     if split is not None and epoch >= split and recipe_value(config, "schedule") == "backbone-first":
@@ -184,10 +184,11 @@ def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: i
 
 
 # The recipes. ``thesis``: the thesis's loss as written, exit on the learned confidence at
-# T = 0.5. ``eefast`` (default): each exit's classifier also learns from its own cross-entropy
-# and from the final exit (distillation), the thesis's terms train the confidence heads only,
-# and the thresholds are calibrated on the validation split. Chosen by the ablation in
-# benchmarks/results/mnist_sample_exits.md (benchmarks/exits_table.py).
+# T = 0.5. ``eefast`` (default): single-stage training in which each exit's classifier also
+# learns from its own cross-entropy and the thesis's terms train the confidence heads only; exit
+# on the temperature-scaled top probability, thresholds calibrated on the validation split.
+# Chosen by the ablation in benchmarks/results/mnist_sample_exits.md (benchmarks/exits_table.py):
+# distillation and backbone-first training, measured there, are options (--distill, --schedule).
 RECIPES = {
     "thesis": dict(exit_weight=0.0, distill=0.0, confidence_only=False, policy="confidence", threshold=0.5,
                    schedule="joint"),
@@ -315,6 +316,11 @@ class Trainer:
         self.model.to(self.device)
         self.model.policy = recipe_value(config, "policy")
         self.fixed_threshold = recipe_value(config, "threshold")  # None: calibrated after each epoch
+        if config.budget is not None or config.max_drop is not None:
+            if config.threshold is not None:
+                raise ValueError(f"expected fixed thresholds or a calibration, got --threshold {config.threshold} "
+                                 f"with --budget {config.budget} / --max-drop {config.max_drop}")
+            self.fixed_threshold = None
         if self.fixed_threshold is not None:
             self.model.threshold = self.fixed_threshold
         self.criterion = build_loss(config)
@@ -545,12 +551,13 @@ class Trainer:
         if best.exists():
             payload = load_checkpoint(best, map_location=self.device)
             apply_checkpoint(model, payload)
-            if self.fixed_threshold is None and model.exits and dist_info.is_main:
-                # the rule as this run calibrates it (the epoch's calibration, done again: a resumed
-                # run of an older version reports by today's rule)
+            if self.fixed_threshold is None and model.exits:
+                # the rule as this run calibrates it (the epoch's calibration, done again, on every
+                # rank alike: a resumed run of an older version reports by today's rule)
                 calibrate(model, self.splits.val, self.device, budget=config.budget, max_drop=config.max_drop)
-                save_checkpoint(best, {**payload, "threshold": model.threshold, "policy": model.policy,
-                                       "exit_temperature": model.exit_temperature.tolist()})
+                if dist_info.is_main:
+                    save_checkpoint(best, {**payload, "threshold": model.threshold, "policy": model.policy,
+                                           "exit_temperature": model.exit_temperature.tolist()})
         test: EvalResult = evaluate(model, self.splits.test, self.device)
         digests = [weights_digest(model)]
         if dist_info.world_size > 1:

@@ -14,7 +14,7 @@ import eefast
 from eefast import reference
 from eefast.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from eefast.evaluate import (ExitOutputs, budget_table, calibrate, collect_exits, thresholds_for_budget,
-                             thresholds_for_drop)
+                             thresholds_for_drop, thresholds_for_final_accuracy)
 from eefast.policies import EXIT_POLICIES, fit_temperatures
 
 INFERENCE_MODES = ("compact", "mask", "sample")
@@ -142,6 +142,14 @@ def test_drop_calibration_is_the_cheapest_setting_within_the_drop(max_drop):
                 assert c >= cost - 0.03, (t0, t1, a, c, accuracy, cost)
 
 
+def test_default_calibration_puts_each_threshold_at_the_final_exits_accuracy():
+    outputs, costs = _outputs()
+    final = outputs.correct[-1].double().mean().item()
+    assert thresholds_for_final_accuracy(outputs) == [final, final]
+    with pytest.raises(ValueError, match="only its final exit"):
+        thresholds_for_final_accuracy(ExitOutputs(outputs.correct[-1:], outputs.confidence[:0]))
+
+
 def test_drop_calibration_errors():
     outputs, costs = _outputs()
     with pytest.raises(ValueError, match=r"expected max_drop in \[0, 100\] accuracy points, got -1"):
@@ -158,6 +166,8 @@ def test_calibrate_and_budget_table_on_a_model():
     data = TensorDataset(torch.randn(200, 1, 28, 28, generator=generator), torch.randint(0, 10, (200,), generator=generator))
     thresholds = calibrate(model, data, max_drop=1.0)
     assert model.threshold == thresholds and len(thresholds) == 2
+    final = (collect_exits(model, data).logits[-1].argmax(-1) == data.tensors[1]).double().mean().item()
+    assert calibrate(model, data) == [final, final]  # the default rule
     assert not torch.equal(model.exit_temperature, torch.ones(2))  # fitted
     calibrate(model, data, budget=0.3)
     assert model.predict(data.tensors[0]).cost.mean().item() <= 0.3 + 1e-6

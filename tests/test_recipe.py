@@ -55,9 +55,11 @@ def test_recipe_loss_adds_its_terms():
 
 def test_confidence_only_keeps_the_thesis_terms_off_the_classifiers():
     out, target, costs = _outputs()
-    eefast.EENetLoss(1.0, "v2", impl="reference", confidence_only=True)(out, target, costs).backward()
-    assert out.logits.grad is None or not out.logits.grad.any()
-    assert out.conf_logits.grad.abs().sum() > 0  # the confidence heads still learn from them
+    eefast.EENetLoss(1.0, "v2", impl="reference", exit_weight=1.0, confidence_only=True)(out, target, costs).backward()
+    own = out.logits.detach().requires_grad_()
+    reference.exit_cross_entropy(own, target).sum().backward()
+    torch.testing.assert_close(out.logits.grad, own.grad)  # the classifiers learn from their own terms alone
+    assert out.conf_logits.grad.abs().sum() > 0  # the confidence heads learn from the thesis's
     out, target, costs = _outputs()
     eefast.EENetLoss(1.0, "v2", impl="reference")(out, target, costs).backward()
     assert out.logits.grad.abs().sum() > 0  # the thesis's loss as written reaches the classifiers
@@ -82,8 +84,14 @@ def test_recipes_and_overrides():
     assert recipe_value(TrainConfig(recipe="thesis", policy="entropy"), "policy") == "entropy"
     thesis = build_loss(TrainConfig(recipe="thesis"))
     assert (thesis.exit_weight, thesis.distill, thesis.confidence_only) == (0.0, 0.0, False)
-    default = build_loss(TrainConfig(distill=0.0))
+    default = build_loss(TrainConfig())
     assert (default.exit_weight, default.distill, default.confidence_only) == (1.0, 0.0, True)
+    assert build_loss(TrainConfig(distill=0.5)).distill == 0.5
+    with pytest.raises(ValueError, match="no loss term would train the classifiers"):
+        build_loss(TrainConfig(exit_weight=0.0))
+    # backbone-then-joint: its second phase trains every part at --lr; backbone-first's exits at --exit-lr
+    joint_after = TrainConfig(lr=0.01, epochs=4, schedule="backbone-then-joint")
+    assert learning_rate(joint_after, 3, 0, 10, split=3) == 0.01
     with pytest.raises(ValueError, match=r"unknown recipe 'sdn'; expected one of \['thesis', 'eefast'\]"):
         build_loss(TrainConfig(recipe="sdn"))
 
@@ -118,8 +126,8 @@ def test_random_shift_moves_the_image_and_keeps_the_label():
 def test_backbone_first_trains_the_backbone_then_the_exits_alone(tmp_path):
     from eefast.train import Interruption, Trainer
 
-    config = TrainConfig(model="eenet8", filters=2, epochs=2, exit_epochs=1, batch_size=256, quiet=True,
-                         plots=False, out=str(tmp_path))
+    config = TrainConfig(model="eenet8", filters=2, epochs=2, exit_epochs=1, schedule="backbone-first", batch_size=256,
+                         quiet=True, plots=False, out=str(tmp_path))
     trainer = Trainer(config)
     model = trainer.model
     assert trainer.exit_phase == 1
@@ -146,8 +154,8 @@ def test_backbone_phase_is_judged_on_its_own_objective(tmp_path):
     improving: early stopping ended runs before their exits' phase."""
     from eefast.train import FinalExitLoss, Trainer
 
-    trainer = Trainer(TrainConfig(model="eenet8", filters=2, epochs=3, exit_epochs=1, batch_size=256, quiet=True,
-                                  plots=False, out=str(tmp_path)))
+    trainer = Trainer(TrainConfig(model="eenet8", filters=2, epochs=3, exit_epochs=1, schedule="backbone-then-joint",
+                                  batch_size=256, quiet=True, plots=False, out=str(tmp_path)))
     trainer.run()
     assert isinstance(trainer._criterion(0), FinalExitLoss) and trainer._criterion(2) is trainer.criterion
     history = json.loads((tmp_path / "history.json").read_text())
@@ -155,4 +163,4 @@ def test_backbone_phase_is_judged_on_its_own_objective(tmp_path):
     assert history[0]["val_loss"] < 2.5 < history[2]["val_loss"]
     out = eefast.EENetOutput(torch.randn(3, 5, 10), torch.randn(2, 5))
     target = torch.arange(5)
-    assert FinalExitLoss()(out, target, torch.ones(3)) == F.cross_entropy(out.logits[-1], target)
+    torch.testing.assert_close(FinalExitLoss()(out, target, torch.ones(3)), F.cross_entropy(out.logits[-1], target))
