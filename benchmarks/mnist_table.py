@@ -59,8 +59,11 @@ def main() -> None:
         if args.only and args.only != label:
             continue
         if not (run_dir / "summary.json").exists():
+            # the settings of this table's time (session 2), before the recipe of
+            # benchmarks/exits_table.py: the thesis's loss, Adam at a constant 1e-3, batch 32, no shifts
             train(TrainConfig(filters=args.filters, epochs=args.epochs, seed=args.seed, out=str(run_dir),
-                              quiet=True, plots=True, **options))
+                              quiet=True, plots=True, recipe="thesis", optimizer="adam", lr=1e-3, weight_decay=0.0,
+                              lr_schedule="constant", batch_size=32, augment=False, **options))
         summary = json.loads((run_dir / "summary.json").read_text())
         results.append({"label": label, **options, "test": summary["test"], "costs": summary["costs"],
                         "epochs_run": summary["epochs_run"]})
