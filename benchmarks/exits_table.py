@@ -155,9 +155,8 @@ def policy_rows(root: Path, label: str, seeds: list[int]) -> dict:
             on_val, on_test = val.scored(policy, temperature), test.scored(policy, temperature)
             thresholds = thresholds_for_final_accuracy(on_val)
             accuracy, cost = on_test.simulate(thresholds, costs)
-            exits = eefast.reference.first_confident_exit(on_test.confidence, torch.tensor(thresholds, dtype=torch.float64))
             calibrated[policy] = {"accuracy": accuracy, "relative_cost": cost, "thresholds": thresholds,
-                                  "exit_counts": torch.bincount(exits, minlength=costs.numel()).tolist()}
+                                  "exit_counts": on_test.exit_counts(thresholds)}
         fine = [round(b, 3) for b in torch.linspace(costs[0].item() + 0.01, 1.0, 25).tolist()]
         per_seed.append({
             "seed": seed, "final_exit_accuracy": 100.0 * test.scored("confidence", temperature).correct[-1].double().mean().item(),

@@ -115,9 +115,17 @@ class ExitOutputs:
     correct: torch.Tensor  # [E, N] bool: exit n's prediction is right
     confidence: torch.Tensor  # [E-1, N] the early exits' scores under a policy (h_n for ``confidence``)
 
+    def exits(self, thresholds: list[float]) -> torch.Tensor:
+        """The exit each sample takes under ``thresholds``, ``[N]`` int64."""
+        return reference.first_confident_exit(self.confidence, torch.tensor(thresholds, dtype=torch.float64))
+
+    def exit_counts(self, thresholds: list[float]) -> list[int]:
+        """How many samples leave at each exit under ``thresholds``."""
+        return torch.bincount(self.exits(thresholds), minlength=self.correct.shape[0]).tolist()
+
     def simulate(self, thresholds: list[float], costs: torch.Tensor) -> tuple[float, float]:
         """(accuracy %, relative cost) had the model run with ``thresholds``."""
-        exit_index = reference.first_confident_exit(self.confidence, torch.tensor(thresholds, dtype=torch.float64))
+        exit_index = self.exits(thresholds)
         samples = exit_index.numel()
         accuracy = 100.0 * self.correct[exit_index, torch.arange(samples)].double().mean().item()
         return accuracy, costs.double().cpu()[exit_index].mean().item()
@@ -270,10 +278,8 @@ def budget_table(fit: ExitLogits, report: ExitLogits, costs: torch.Tensor, budge
         for budget in budgets:
             thresholds = thresholds_for_budget(on_fit, costs, budget)
             accuracy, cost = on_report.simulate(thresholds, costs)
-            exits = reference.first_confident_exit(on_report.confidence, torch.tensor(thresholds, dtype=torch.float64))
             rows.append({"policy": policy, "budget": budget, "thresholds": thresholds, "accuracy": accuracy,
-                         "relative_cost": cost,
-                         "exit_counts": torch.bincount(exits, minlength=costs.numel()).tolist()})
+                         "relative_cost": cost, "exit_counts": on_report.exit_counts(thresholds)})
     return rows
 
 
