@@ -138,8 +138,56 @@ def _torchvision(name: str, root: Path, download: bool, seed: int, val_fraction:
                   len(classes) or 10, shape, classes)
 
 
+class DatasetError(ValueError):
+    """A dataset that is there but cannot be used as it is; the message names the file or class."""
+
+
+def _read_image(path: str):
+    """torchvision's image loader, failing with the file's name (a truncated or unreadable image)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        image = default_loader(path)
+        image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... by format
+        raise DatasetError(f"dataset 'folder': cannot read image {path}: {type(error).__name__}: {error}") from error
+    return image
+
+
+def _image_folder(directory: Path, transform, classes: list[str] | None = None):
+    """An ImageFolder of ``directory`` whose labels number ``classes`` (by default its own class folders,
+    sorted), so that a test split lacking a class keeps the training split's label of every other one."""
+    from torchvision import datasets
+
+    class Folder(datasets.ImageFolder):
+        def find_classes(self, root):
+            found, mapping = super().find_classes(root)
+            if classes is None:
+                return found, mapping
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise DatasetError(f"dataset 'folder': {root} has classes {unknown} that the train split does not; "
+                                   f"expected classes among {classes}")
+            return list(classes), {name: i for i, name in enumerate(classes)}
+
+    return Folder(directory, transform=transform, loader=_read_image, allow_empty=classes is not None)
+
+
+def check_images(folder) -> None:
+    """Opens every image of an ImageFolder and verifies its header and structure (PIL's ``verify``: no
+    decoding), so that a broken file fails before training rather than mid-run or at the report."""
+    from PIL import Image
+
+    for path, _ in folder.samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:
+            raise DatasetError(f"dataset 'folder': cannot read image {path}: {type(error).__name__}: {error}") from error
+
+
 def _folder(root: Path, seed: int, val_fraction: float, augment: bool) -> Splits:
-    from torchvision import datasets, transforms as T
+    from torchvision import transforms as T
 
     mean, std = NORMALISATION["folder"]
     base = [T.Resize((32, 32)), T.Lambda(lambda img: img.convert("RGB")), T.ToTensor(), T.Normalize(mean, std)]
@@ -149,9 +197,14 @@ def _folder(root: Path, seed: int, val_fraction: float, augment: bool) -> Splits
         raise DatasetMissing(
             f"dataset 'folder' expects {root}/train/<class>/<image> and {root}/test/<class>/<image>; missing: {missing}"
         )
-    train_aug = datasets.ImageFolder(root / "train", transform=train_tf)
-    train_plain = datasets.ImageFolder(root / "train", transform=T.Compose(base))
-    test = datasets.ImageFolder(root / "test", transform=T.Compose(base))
+    try:
+        train_plain = _image_folder(root / "train", T.Compose(base))
+        train_aug = _image_folder(root / "train", train_tf, train_plain.classes)
+        test = _image_folder(root / "test", T.Compose(base), train_plain.classes)
+    except FileNotFoundError as error:  # a split without any image
+        raise DatasetMissing(f"dataset 'folder': {error}") from error
+    check_images(train_plain)
+    check_images(test)
     fit_idx, val_idx = stratified_split(np.asarray(train_plain.targets), val_fraction, seed)
     return Splits("folder", Subset(train_aug, fit_idx.tolist()), Subset(train_plain, val_idx.tolist()), test,
                   len(train_plain.classes), (3, 32, 32), list(train_plain.classes))

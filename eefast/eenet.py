@@ -50,6 +50,23 @@ class Prediction(NamedTuple):
     cost: Tensor  # [B] relative cost c_exit
 
 
+def _threshold_letting_out(scores: Tensor, leave: int) -> float:
+    """A threshold in [0, 1] that the ``leave`` highest of ``scores`` [R] reach (``>=``) and the rest
+    do not, where the scores allow: a value of their dtype strictly between the last score in and
+    the first one out (0 and 1 bound the ends), else the last one in itself (adjacent floats)."""
+    h = scores.nan_to_num(nan=-1.0).sort(descending=True).values  # NaN never leaves
+    leave = min(leave, h.numel())
+    zero, one = h.new_zeros(()), h.new_ones(())
+    low = h[leave] if leave < h.numel() else zero  # the first one out (or the lowest threshold)
+    high = h[leave - 1] if leave > 0 else one  # the last one in (or the highest threshold)
+    if leave == 0 and bool(low >= one):
+        return 1.0  # a saturated score: nothing keeps it in
+    if leave == h.numel() and bool(high <= zero):
+        return 0.0
+    middle = ((low.double() + high.double()) / 2).to(h.dtype)
+    return float(middle if low < middle <= high else high)
+
+
 class EENet(nn.Module):
     """An early-exit network (EENet) over a backbone given as a list of blocks.
 
@@ -224,6 +241,10 @@ class EENet(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"EENet: expected a floating-point input, got {x.dtype}")
+        dtype = self.costs.dtype  # the model's floating-point dtype (.to(dtype) converts the buffer too)
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"EENet: expected input of dtype {dtype} (the model's; or run under torch.autocast), "
+                            f"got {x.dtype}")
         device = self.costs.device
         if x.device != device:
             raise ValueError(f"EENet: expected the input on {device} (the model's device), got it on {x.device}")
@@ -407,9 +428,10 @@ class EENet(nn.Module):
     def thresholds_for_fractions(self, x: Tensor, fractions: Sequence[float]) -> list[float]:
         """Per-exit thresholds under which the given fractions of ``x`` leave at exits 0..N-1.
 
-        Each threshold lies midway between two confidences of the batch, so float rounding
-        cannot flip a decision; the rest leaves at the final exit. Used to set a controlled
-        exit mix in tests and benchmarks.
+        Each threshold lies between two scores of the batch (midway where their dtype has a value
+        there), so float rounding cannot flip a decision; the rest leaves at the final exit. Where
+        scores tie, are NaN or saturate at 1.0, no threshold gives the fraction: a warning says how
+        many leave. Used to set a controlled exit mix in tests and benchmarks.
         """
         if len(fractions) != len(self.exits) or sum(fractions) > 1 + 1e-9 or min(fractions, default=0) < 0:
             raise ValueError(
@@ -418,23 +440,21 @@ class EENet(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            confidence = self.exit_scores(self.forward_all(x)).double()  # [N, B]
+            scores = self.exit_scores(self.forward_all(x))  # [N, B] in the model's dtype
         finally:
             self.train(was_training)
         batch = x.shape[0]
         remaining = torch.ones(batch, dtype=torch.bool, device=x.device)
         thresholds = []
         for n, fraction in enumerate(fractions):
-            h = confidence[n][remaining].nan_to_num(nan=-1.0).sort(descending=True).values
-            leave = min(round(fraction * batch), h.numel())
-            if leave == 0:
-                threshold = 1.0 if h.numel() == 0 else min(1.0, (1.0 + h[0].item()) / 2)
-            elif leave == h.numel():
-                threshold = max(0.0, h[-1].item() / 2)
-            else:
-                threshold = (h[leave - 1].item() + h[leave].item()) / 2
+            threshold = _threshold_letting_out(scores[n][remaining], round(fraction * batch))
+            leaving = remaining & (scores[n] >= threshold)  # as inference compares: in the scores' dtype
+            if int(leaving.sum()) != min(round(fraction * batch), int(remaining.sum())):
+                warnings.warn(f"thresholds_for_fractions: exit {n}: {round(fraction * batch)} of {batch} samples asked "
+                              f"to leave, {int(leaving.sum())} do (their scores tie, are NaN, or saturate at 1)",
+                              stacklevel=3)  # the caller, past torch.no_grad's wrapper
             thresholds.append(threshold)
-            remaining &= ~(confidence[n] >= threshold)
+            remaining &= ~leaving
         return thresholds
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +28,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from eefast import reference
-from eefast.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from eefast.checkpoint import (TRAINING_FIELDS, CheckpointError, apply_checkpoint, check_payload, load_checkpoint,
+                               save_checkpoint)
 from eefast.data import load_dataset
 from eefast.eenet import EENet, EENetLoss
 from eefast.evaluate import EvalResult, calibrate, evaluate
 from eefast.models import create_model
+from eefast.models.registry import check_model_args
 
 
 @dataclass
@@ -77,6 +80,38 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # more create_model arguments
 
 
+# What --resume may change: where and how the run reports, and when it stops early. Everything
+# else decides the weights of the epochs still to run, and must be what the checkpoint was trained with.
+RESUME_MAY_CHANGE = frozenset({"resume", "quiet", "plots", "device", "out", "data_root", "download", "patience",
+                               "min_delta"})
+
+
+def recorded_config(stored: dict) -> dict:
+    """The run's configuration as a checkpoint records it; fields that eefast 0.1 did not record take
+    the values it trained with (the thesis's loss, a constant learning rate, no augmentation)."""
+    legacy = {"recipe": "thesis", "exit_weight": None, "distill": None, "distill_temperature": 3.0,
+              "confidence_only": None, "weight_decay": 1e-4 if stored.get("optimizer") == "sgd" else 0.0,
+              "lr_schedule": "constant", "schedule": None, "exit_epochs": None, "exit_lr": None, "augment": False,
+              "policy": None, "budget": None, "max_drop": None}
+    return {**legacy, **stored}
+
+
+def check_resume_config(stored: dict, given: dict, where: str) -> None:
+    """Raises ValueError naming every setting of ``given`` that differs from the checkpoint's run.
+    ``epochs`` may change only where the learning rate does not depend on it (constant, joint)."""
+    stored = recorded_config(stored)
+    may_change = set(RESUME_MAY_CHANGE)
+    if stored.get("lr_schedule") == "constant" and stored.get("schedule") in (None, "joint") \
+            and given.get("schedule") in (None, "joint"):
+        may_change.add("epochs")
+    differ = [key for key in given if key not in may_change and stored.get(key) != given[key]]
+    if differ:
+        trained = ", ".join(f"{key}={stored.get(key)!r}" for key in differ)
+        asked = ", ".join(f"{key}={given[key]!r}" for key in differ)
+        raise ValueError(f"--resume: {where} was trained with {trained}; expected the same to resume it, got "
+                         f"{asked} (start a new run with another --out to change them)")
+
+
 class FinalExitLoss:
     """The final exit's cross-entropy alone, with ``EENetLoss``'s call and ``terms``."""
 
@@ -100,12 +135,96 @@ class Distributed:
         return self.rank == 0
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+def _finite(value, low: float, high: float = math.inf, *, open_low: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > low if open_low else value >= low) and value <= high)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raises ValueError naming the option, what it expects and what it got, before a run starts
+    (before any data is loaded, model built or file written)."""
+    whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    checks = [
+        ("--epochs", config.epochs, whole(config.epochs, 1), "an integer >= 1"),
+        ("--batch-size", config.batch_size, whole(config.batch_size, 1), "an integer >= 1"),
+        ("--patience", config.patience, whole(config.patience, 0), "an integer >= 0"),
+        ("--seed", config.seed, whole(config.seed, 0), "an integer >= 0"),
+        ("--lr", config.lr, _finite(config.lr, 0, open_low=True), "a finite number > 0"),
+        ("--weight-decay", config.weight_decay, _finite(config.weight_decay, 0), "a finite number >= 0"),
+        ("--lam", config.lam, _finite(config.lam, 0), "a finite number >= 0"),
+        ("--min-delta", config.min_delta, _finite(config.min_delta, 0), "a finite number >= 0"),
+        ("--val-fraction", config.val_fraction, _finite(config.val_fraction, 0, 1, open_low=True)
+         and config.val_fraction < 1, "a number in (0, 1)"),
+        ("--distill-temperature", config.distill_temperature, _finite(config.distill_temperature, 0, open_low=True),
+         "a finite number > 0"),
+        ("--budget", config.budget, config.budget is None or _finite(config.budget, 0, 1, open_low=True),
+         "a relative cost in (0, 1]"),
+        ("--max-drop", config.max_drop, config.max_drop is None or _finite(config.max_drop, 0, 100),
+         "accuracy points in [0, 100]"),
+        ("--exit-lr", config.exit_lr, config.exit_lr is None or _finite(config.exit_lr, 0, open_low=True),
+         "a finite number > 0"),
+        ("--exit-weight", config.exit_weight, config.exit_weight is None or _finite(config.exit_weight, 0),
+         "a finite number >= 0"),
+        ("--distill", config.distill, config.distill is None or _finite(config.distill, 0), "a finite number >= 0"),
+        ("--exits", config.exits, config.exits is None or whole(config.exits, 0), "an integer >= 0"),
+        ("--filters", config.filters, config.filters is None or whole(config.filters, 1), "an integer >= 1"),
+        ("--threshold", config.threshold, config.threshold is None or all(
+            _finite(t, 0, 1) for t in (config.threshold if isinstance(config.threshold, list) else [config.threshold])),
+         "thresholds in [0, 1]"),
+        ("--optimizer", config.optimizer, config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+        ("--lr-schedule", config.lr_schedule, config.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
+        ("--recipe", config.recipe, config.recipe in RECIPES, f"one of {list(RECIPES)}"),
+        ("--schedule", config.schedule, config.schedule is None or config.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+    ]
+    for option, value, valid, expected in checks:
+        if not valid:
+            raise ValueError(f"{option}: expected {expected}, got {value!r}")
+    if config.exit_epochs is not None and not (whole(config.exit_epochs, 1) and config.exit_epochs < config.epochs):
+        raise ValueError(f"--exit-epochs: expected 0 < --exit-epochs < --epochs ({config.epochs}), "
+                         f"got {config.exit_epochs!r}")
+    extra = {"num_exits": config.exits, "distribution": config.distribution, "exit_type": config.exit_type,
+             "filters": config.filters, **config.extra}
+    check_model_args(config.model, {k: v for k, v in extra.items() if v is not None})
+    parse_device(config.device)
+    check_output_dir(Path(config.out))
+
+
+def parse_device(device: str) -> torch.device | None:
+    """``--device``: None for auto, else a CPU or CUDA device this machine has."""
     if device == "auto":
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from error
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA device is visible here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device}: expected a CUDA device index below {count} (the devices here)")
+    return parsed
+
+
+def check_output_dir(out: Path) -> None:
+    """Raises ValueError unless ``out`` is (or can be made) a directory this process can write files in."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: expected a directory, found a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write there ({type(error).__name__}: {error.strerror or error})") from error
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    parsed = parse_device(device)
+    if parsed is None:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is visible here; use --device cpu")
-    return torch.device(device)
+    return parsed
 
 
 def setup_distributed(device: str) -> Distributed:
@@ -294,6 +413,7 @@ class Trainer:
     """One training run: its data, model, optimizer and the state that checkpoints carry."""
 
     def __init__(self, config: TrainConfig):
+        check_config(config)
         self.config = config
         self.dist = setup_distributed(config.device)
         self.device = resolve_device(config.device, self.dist.local_rank)
@@ -301,13 +421,6 @@ class Trainer:
         self.show = self.dist.is_main and not config.quiet
         self.bars = self.show and sys.stderr.isatty()
 
-        if config.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; expected one of {LR_SCHEDULES}")
-        if recipe_value(config, "schedule") not in SCHEDULES:
-            raise ValueError(f"unknown schedule {config.schedule!r}; expected one of {SCHEDULES}")
-        if config.exit_epochs is not None and not 0 < config.exit_epochs < config.epochs:
-            raise ValueError(f"--schedule backbone-first: expected 0 < --exit-epochs < --epochs ({config.epochs}), "
-                             f"got {config.exit_epochs}")
         self.splits = load_dataset(config.dataset, config.data_root, config.download, config.seed,
                                    config.val_fraction, augment=config.augment)
         kwargs = model_kwargs(config, self.splits.num_classes, self.splits.input_shape)
@@ -344,12 +457,19 @@ class Trainer:
             )
 
     def _resume(self) -> None:
-        checkpoint = load_checkpoint(self.out / "last.pt", map_location=self.device)
-        apply_checkpoint(self.model, checkpoint)
+        path = self.out / "last.pt"
+        checkpoint = load_checkpoint(path, map_location=self.device)
+        check_payload(checkpoint, str(path), TRAINING_FIELDS)
+        check_resume_config(checkpoint["config"], asdict(self.config), str(path))
+        try:
+            apply_checkpoint(self.model, checkpoint)
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: its weights or optimizer state do not fit the run's model: "
+                                  f"{type(error).__name__}: {error}") from error
         self.model.policy = recipe_value(self.config, "policy")
         if self.fixed_threshold is not None:
             self.model.threshold = self.fixed_threshold
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.start_epoch = checkpoint["epoch"] + 1
         self.history = list(checkpoint["history"])
         self.best_loss, self.stale_epochs = checkpoint["best_loss"], checkpoint["stale_epochs"]
@@ -456,7 +576,8 @@ class Trainer:
             if not math.isfinite(values[0].item()):
                 raise FloatingPointError(
                     f"the training loss is not finite at epoch {epoch + 1}, step {step + 1}; nothing of this "
-                    f"step was applied, and the last good checkpoint is {self.out / 'last.pt'}"
+                    f"step was applied, and " + (f"the last good checkpoint is {self.out / 'last.pt'}"
+                                                 if (self.out / "last.pt").is_file() else "no checkpoint was written yet")
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -32,7 +32,7 @@ def _build(filters: int, num_classes: int, input_shape, **kwargs) -> EENet:
     return EENet(blocks, head, num_classes=num_classes, input_shape=input_shape, **kwargs)
 
 
-@register_model
+@register_model(args=("filters",))
 def eenet8(*, filters: int = 2, num_classes: int = 10, input_shape=(1, 28, 28), **kwargs) -> EENet:
     if not {"num_exits", "distribution", "exit_positions"} & kwargs.keys():
         kwargs["exit_positions"] = [1, 2]  # after the first and second basic blocks (Table 4.1)
@@ -40,6 +40,6 @@ def eenet8(*, filters: int = 2, num_classes: int = 10, input_shape=(1, 28, 28), 
     return _build(filters, num_classes, input_shape, **kwargs)
 
 
-@register_model
+@register_model(args=("filters",))
 def resnet8(*, filters: int = 2, num_classes: int = 10, input_shape=(1, 28, 28), **kwargs) -> EENet:
     return _build(filters, num_classes, input_shape, **{**kwargs, "num_exits": 0})

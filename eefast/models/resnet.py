@@ -139,27 +139,27 @@ def _plain(backbone, depth: int, kwargs: dict) -> EENet:
     return build(backbone, depth, **{**kwargs, "num_exits": 0})
 
 
-@register_model
+@register_model(args=("width",))
 def eenet20(**kwargs) -> EENet:
     return _cifar(20, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def eenet32(**kwargs) -> EENet:
     return _cifar(32, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def eenet44(**kwargs) -> EENet:
     return _cifar(44, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def eenet56(**kwargs) -> EENet:
     return _cifar(56, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def eenet110(**kwargs) -> EENet:
     return _cifar(110, kwargs)
 
@@ -189,27 +189,27 @@ def eenet152(**kwargs) -> EENet:
     return _imagenet(152, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def resnet20(**kwargs) -> EENet:
     return _plain(cifar_resnet, 20, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def resnet32(**kwargs) -> EENet:
     return _plain(cifar_resnet, 32, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def resnet44(**kwargs) -> EENet:
     return _plain(cifar_resnet, 44, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def resnet56(**kwargs) -> EENet:
     return _plain(cifar_resnet, 56, kwargs)
 
 
-@register_model
+@register_model(args=("width",))
 def resnet110(**kwargs) -> EENet:
     return _plain(cifar_resnet, 110, kwargs)
 

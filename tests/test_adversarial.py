@@ -1,0 +1,301 @@
+"""The standing adversarial suite: inputs a careless user or an attacker would give, at the model
+API, the checkpoint files, the datasets, resume and the command line. Each case asserts the clear
+error (naming what was expected and what was given) or the correct result, and that nothing was
+written or lost. The compaction op's cases (aliased and out-of-range arguments) are in
+test_compact_exits.py; the loss's and the model's input checks in test_validation.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import eefast
+from eefast import cli
+from eefast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from eefast.data import DatasetError, load_dataset
+from eefast.train import TrainConfig, Trainer, check_resume_config, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def payload_of(name: str = "eenet8", **kwargs) -> dict:
+    torch.manual_seed(0)
+    model = eefast.create_model(name, **kwargs)
+    return {"model_name": name, "model_kwargs": kwargs, "model_state": model.state_dict(), "threshold": [0.3, 0.6]}
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+
+def test_damaged_tensor_bytes_fail_their_checksum(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, payload_of(filters=4))
+    with zipfile.ZipFile(path) as archive:  # the largest tensor's bytes, found through the archive's directory
+        member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    header = member.header_offset  # local file header: 30 bytes, then the name and the extra field
+    start = header + 30 + int.from_bytes(data[header + 26 : header + 28], "little") + int.from_bytes(
+        data[header + 28 : header + 30], "little")
+    data[start + member.file_size // 2] ^= 0x40  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"damaged: the bytes of '.*{member.filename.split('/', 1)[1]}' do not "
+                                              "match the checksum"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"filters": 10**9}, r"expected filters an integer in \[1, 1024\], got 1000000000"),
+    ({"num_classes": 10**12}, r"expected num_classes an integer in \[1, 100000\]"),
+    ({"input_shape": [1, 10**6, 10**6]}, r"expected input_shape \[C, H, W\] .* 1 <= H, W <= 4096"),
+    ({"num_exits": 10**6}, r"expected num_exits an integer in \[0, 64\]"),
+    ({"filters": "8"}, r"expected filters an integer"),
+    ({"filters": True}, r"expected filters an integer"),
+    ({"input_shape": [1, 28.5, 28]}, r"expected input_shape \[C, H, W\] of integers"),
+    ({"filters": 1024, "input_shape": [64, 4096, 4096]}, r"with 68,719,476,736 elements in one sample's largest "
+                                                         r"feature map; expected at most 1,073,741,824"),
+    ({"filters": 256, "input_shape": [3, 4096, 4096]}, r"largest feature map; expected at most 1,073,741,824"),
+    ({"layers": 10**9}, r"unexpected argument 'layers' for 'eenet8'; expected some of \["),
+], ids=["filters", "classes", "input-side", "exits", "filters-str", "filters-bool", "input-float", "features",
+        "features-many", "unknown-arg"])
+def test_construction_arguments_are_bounded_before_anything_is_built(tmp_path, kwargs, message):
+    payload = payload_of()
+    payload["model_kwargs"] = kwargs
+    save_checkpoint(tmp_path / "big.pt", payload)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        model_from_checkpoint(load_checkpoint(tmp_path / "big.pt"))
+    assert time.perf_counter() - start < 10  # refused from the numbers (and the meta device), not by allocating
+
+
+def test_the_parameter_limit_is_checked_on_the_meta_device(tmp_path, monkeypatch):
+    from eefast import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_PARAMETERS", 10_000)  # no registered model within the argument limits
+    save_checkpoint(tmp_path / "wide.pt", payload_of(filters=32))  # reaches 2**30 parameters
+    with pytest.raises(CheckpointError, match=r"with [\d,]+ parameters; expected at most 10,000"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "wide.pt"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.pop("model_name"), r"expected a field 'model_name' \(a string\), found none"),
+    (lambda p: p.pop("model_kwargs"), r"expected a field 'model_kwargs'"),
+    (lambda p: p.update(model_name=["eenet8"]), r"expected field 'model_name' to be a string, got list"),
+    (lambda p: p.update(model_kwargs=[1, 2]), r"expected field 'model_kwargs' to be a dict of named arguments"),
+    (lambda p: p["model_state"].update(extra=3), r"expected field 'model_state' to be a dict of tensors"),
+    (lambda p: p.update(threshold="high"), r"expected field 'threshold' to be a number or a list of numbers, got str"),
+    (lambda p: p.update(policy=3), r"expected field 'policy' to be a string, got int"),
+    (lambda p: p.update(exit_temperature={"a": 1}), r"expected field 'exit_temperature' to be a list of numbers"),
+    (lambda p: p.update(model_name="eenet7"), r"unknown model 'eenet7'"),
+    (lambda p: p.update(policy="top1"), r"exit rule do not fit .*expected an exit policy in"),
+    (lambda p: p.update(exit_temperature=[1.0]), r"expected 2 finite temperatures > 0, got \[1.0\]"),
+    (lambda p: p.update(threshold=[0.3, 7.0]), r"expected thresholds in \[0, 1\]"),
+], ids=["no-name", "no-kwargs", "name-type", "kwargs-type", "state-type", "threshold-type", "policy-type",
+        "temperature-type", "unknown-model", "unknown-policy", "temperature-count", "threshold-range"])
+def test_every_malformed_structure_is_a_checkpoint_error(tmp_path, change, message):
+    payload = payload_of()
+    change(payload)
+    save_checkpoint(tmp_path / "bad.pt", payload)
+    with pytest.raises(CheckpointError, match=message):
+        model_from_checkpoint(load_checkpoint(tmp_path / "bad.pt"))
+
+
+# ---- resume -------------------------------------------------------------------------------------
+
+RUN = dict(model="eenet8", filters=2, epochs=1, batch_size=256, quiet=True, plots=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished one-epoch run: its directory and its settings."""
+    out = tmp_path_factory.mktemp("one-epoch")
+    config = TrainConfig(**RUN, out=str(out))
+    train(config)
+    return out, config
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"lr": 1e-3}, "lr=0.002"),
+    ({"seed": 1}, "seed=0"),
+    ({"batch_size": 64}, "batch_size=256"),
+    ({"optimizer": "sgd"}, "optimizer='adamw'"),
+    ({"filters": 4}, "filters=2"),
+    ({"model": "eenet20", "filters": None}, "model='eenet8'"),
+    ({"recipe": "thesis"}, "recipe='eefast'"),
+    ({"epochs": 5}, "epochs=1"),  # the cosine schedule is a function of --epochs
+], ids=["lr", "seed", "batch-size", "optimizer", "architecture", "model", "recipe", "epochs-under-cosine"])
+def test_resume_refuses_settings_the_run_was_not_trained_with(one_epoch, change, named):
+    out, config = one_epoch
+    before = (out / "last.pt").read_bytes()
+    resumed = dataclasses.replace(config, **change, resume=True)
+    with pytest.raises(ValueError, match=rf"--resume: .*last.pt was trained with .*{named}.*expected the same"):
+        Trainer(resumed)
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_accepts_what_does_not_change_the_weights():
+    stored = dataclasses.asdict(TrainConfig(lr_schedule="constant"))
+    check_resume_config(stored, {**stored, "quiet": True, "device": "cpu", "patience": 3, "epochs": 60}, "last.pt")
+    # a run of eefast 0.1 (its config without today's fields) resumes with the settings it trained with
+    fields_of_0_1 = ("model dataset data_root download exits distribution exit_type filters loss lam optimizer lr "
+                     "batch_size epochs patience min_delta threshold val_fraction seed device out resume quiet plots "
+                     "extra").split()
+    old = {k: stored[k] for k in fields_of_0_1}
+    old.update(optimizer="adam", lr=1e-3, batch_size=32, threshold=0.5)
+    legacy = TrainConfig(recipe="thesis", optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="constant",
+                         augment=False, batch_size=32, threshold=0.5)
+    check_resume_config(old, dataclasses.asdict(legacy), "last.pt")
+    with pytest.raises(ValueError, match=r"trained with recipe='thesis', optimizer='adam'"):
+        check_resume_config(old, dataclasses.asdict(TrainConfig()), "last.pt")
+
+
+def test_resume_of_a_checkpoint_missing_its_training_state(one_epoch, tmp_path):
+    out, config = one_epoch
+    payload = load_checkpoint(out / "last.pt")
+    del payload["optimizer_state"]
+    save_checkpoint(tmp_path / "last.pt", payload)
+    with pytest.raises(CheckpointError, match=r"expected a field 'optimizer_state' \(a dict\), found none"):
+        Trainer(dataclasses.replace(config, out=str(tmp_path), resume=True))
+
+
+# ---- datasets -----------------------------------------------------------------------------------
+
+
+def image_tree(root: Path, splits: dict[str, list[str]], per_class: int = 5) -> None:
+    from PIL import Image
+
+    for split, classes in splits.items():
+        for label in classes:
+            (root / split / label).mkdir(parents=True)
+            for i in range(per_class):
+                shade = 40 * ["ant", "bee", "cat"].index(label)
+                Image.new("RGB", (8, 8), color=(shade, i, 0)).save(root / split / label / f"{i}.png")
+
+
+def test_folder_test_split_missing_a_class_keeps_the_training_labels(tmp_path):
+    image_tree(tmp_path, {"train": ["ant", "bee", "cat"], "test": ["bee", "cat"]})
+    splits = load_dataset("folder", data_root=tmp_path, val_fraction=0.2)
+    assert splits.class_names == ["ant", "bee", "cat"] and splits.num_classes == 3
+    labels = sorted({int(y) for _, y in splits.test})
+    assert labels == [1, 2]  # bee and cat, as in train (not 0 and 1)
+    shade = {int(y): round(float(x[0, 0, 0]) * 0.5 * 255 + 0.5 * 255) for x, y in splits.test}
+    assert shade == {1: 40, 2: 80}
+
+
+def test_folder_test_split_with_a_class_the_model_never_saw(tmp_path):
+    image_tree(tmp_path, {"train": ["ant", "bee"], "test": ["ant", "cat"]})
+    with pytest.raises(DatasetError, match=r"has classes \['cat'\] that the train split does not; expected classes "
+                                           r"among \['ant', 'bee'\]"):
+        load_dataset("folder", data_root=tmp_path)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("damage", ["truncated", "not-an-image"])
+def test_folder_broken_image_fails_before_training_naming_the_file(tmp_path, split, damage):
+    image_tree(tmp_path, {"train": ["ant", "bee"], "test": ["ant", "bee"]})
+    victim = tmp_path / split / "bee" / "3.png"
+    victim.write_bytes(victim.read_bytes()[:40] if damage == "truncated" else b"hello, not a picture")
+    with pytest.raises(DatasetError, match=rf"cannot read image {victim}"):
+        load_dataset("folder", data_root=tmp_path)
+
+
+# ---- model API ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["compact", "mask", "sample"])
+def test_input_of_another_dtype_is_a_type_error(mode):
+    model = eefast.create_model("eenet8").eval()
+    with pytest.raises(TypeError, match=r"expected input of dtype torch.float32 \(the model's.*got torch.float64"):
+        model.predict(torch.randn(2, 1, 28, 28, dtype=torch.float64), mode=mode)
+    with pytest.raises(TypeError, match="expected input of dtype torch.float32"):
+        model.train().forward_all(torch.randn(2, 1, 28, 28, dtype=torch.float16))
+
+
+def test_thresholds_for_fractions_hits_the_mix_between_adjacent_floats_and_says_when_it_cannot():
+    torch.manual_seed(0)
+    model = eefast.create_model("eenet8").eval()
+    x = torch.randn(8, 1, 28, 28)
+    base = torch.rand(2, 8) * 0.5 + 0.25
+    base[0, 4] = torch.nextafter(base[0, 3], torch.tensor(1.0))  # adjacent float32 scores
+    model.exit_scores = lambda output: base  # the scores the thresholds are fitted to
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for leave in range(9):
+            t = model.thresholds_for_fractions(x, [leave / 8, 0.0])[0]
+            assert int((base[0] >= t).sum()) == leave  # the comparison inference makes, in float32
+    base[0] = 0.5  # every score ties: a threshold lets all out or none
+    with pytest.warns(UserWarning, match=r"exit 0: 4 of 8 samples asked to leave, 8 do \(their scores tie"):
+        model.thresholds_for_fractions(x, [0.5, 0.0])
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+TRAIN = ["train", "--model", "eenet8", "--filters", "2", "--epochs", "1", "--quiet", "--no-plots"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], r"--epochs: expected an integer >= 1, got 0"),
+    (["--batch-size", "0"], r"--batch-size: expected an integer >= 1, got 0"),
+    (["--filters", "0"], r"--filters: expected an integer >= 1, got 0"),
+    (["--lr", "-1"], r"--lr: expected a finite number > 0, got -1.0"),
+    (["--lr", "nan"], r"--lr: expected a finite number > 0, got nan"),
+    (["--budget", "nan"], r"--budget: expected a relative cost in \(0, 1\], got nan"),
+    (["--budget", "1.5"], r"--budget: expected a relative cost in \(0, 1\], got 1.5"),
+    (["--max-drop", "-2"], r"--max-drop: expected accuracy points in \[0, 100\], got -2.0"),
+    (["--threshold", "0.5", "2"], r"--threshold: expected thresholds in \[0, 1\], got \[0.5, 2.0\]"),
+    (["--val-fraction", "1"], r"--val-fraction: expected a number in \(0, 1\), got 1.0"),
+    (["--patience", "-1"], r"--patience: expected an integer >= 0, got -1"),
+    (["--device", "gpu"], r"--device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "meta"], r"--device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "cuda:7"], r"--device cuda:7: (no CUDA device is visible here|expected a CUDA device index)"),
+    (["--exits", "-1"], r"--exits: expected an integer >= 0, got -1"),
+], ids=["epochs-0", "batch-0", "filters-0", "lr-negative", "lr-nan", "budget-nan", "budget-above-1", "max-drop",
+        "threshold", "val-fraction", "patience", "device-name", "device-meta", "device-index", "exits"])
+def test_cli_values_are_checked_before_a_run_starts(capsys, tmp_path, args, message):
+    out = tmp_path / "run"
+    assert cli.main([*TRAIN, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("eefast train: error: ")
+    assert __import__("re").search(message, err), err
+    assert not out.exists()  # nothing was written
+
+
+def test_cli_output_path_is_checked_before_training(capsys, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    assert cli.main([*TRAIN, "--out", str(a_file)]) == 2
+    assert f"--out {a_file}: expected a directory, found a file" in capsys.readouterr().err
+    assert cli.main([*TRAIN, "--out", str(a_file / "run")]) == 2
+    assert f"--out {a_file / 'run'}: cannot write there (NotADirectoryError" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"
+
+
+def test_cli_profile_rejects_a_bad_input_shape(capsys):
+    assert cli.main(["profile", "--model", "eenet8", "--input-shape", "0", "28", "28"]) == 2
+    assert r"expected input_shape [C, H, W] of integers with 1 <= C <= 64" in capsys.readouterr().err
+
+
+def test_unknown_eefast_impl_is_a_one_line_error():
+    env = {**os.environ, "EEFAST_IMPL": "cuda-magic"}
+    result = subprocess.run([sys.executable, "-m", "eefast", "profile", "--model", "eenet8"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("eefast profile: error: EEFAST_IMPL: expected one of ('auto', 'triton', "
+                                     "'reference'), got 'cuda-magic'")
+
+
+def test_nan_loss_before_any_checkpoint_says_none_was_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(eefast.EENetLoss, "terms", lambda self, output, target, costs: (
+        output.logits.sum() * float("nan"), torch.zeros(()), torch.zeros(())))
+    with pytest.raises(FloatingPointError, match="epoch 1, step 1; nothing of this step was applied, and no "
+                                                 "checkpoint was written yet"):
+        train(TrainConfig(**RUN, out=str(tmp_path)))
+    assert not (tmp_path / "last.pt").exists()
