@@ -3,8 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/grad_mode.h>
 
+#include <cstdint>
 #include <string>
+#include <utility>
 
 namespace eefast {
 
@@ -26,8 +30,24 @@ inline std::string dtype_name(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
-// Raises ValueError (shapes, devices, layouts) or TypeError (dtypes) naming what was expected
-// and what was given. Mirrors eefast/ops.py:check_compact_exits_args.
+// Whether a and b (on one device) may share memory: their byte spans [first element, last
+// element] intersect. Exact for dense tensors (as the outputs are), conservative for strided
+// ones. The same rule as eefast/ops.py:_may_overlap.
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;  // offset of the last element, in elements (strides are >= 0)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return std::pair<uintptr_t, uintptr_t>{begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+// Raises ValueError (shapes, devices, layouts, outputs sharing memory) or TypeError (dtypes)
+// naming what was expected and what was given. Mirrors eefast/ops.py:check_compact_exits_args.
 inline void check_compact_exits_args(const char* op, const at::Tensor& x, const at::Tensor& logits,
                                      const at::Tensor& confidence, const at::Tensor& index,
                                      int64_t exit_index, const at::Tensor& out_logits,
@@ -65,9 +85,42 @@ inline void check_compact_exits_args(const char* op, const at::Tensor& x, const 
     TORCH_CHECK_VALUE(t.device() == device, op, ": expected every tensor on ", device, " (the device of x), got ",
                       name, " on ", t.device());
   }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"out_logits", out_logits},
+                                {"out_exit", out_exit}}) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": expected ", name,
+                      " without internal overlap (it is written in place, each element at an address of its own), got "
+                      "sizes ", t.sizes(), " and strides ", t.strides(), " (elements sharing memory, as from expand)");
+  }
   TORCH_CHECK_VALUE(out_logits.is_contiguous() && out_exit.is_contiguous(), op,
                     ": expected contiguous out_logits and out_exit (they are written in place), got strides ",
                     out_logits.strides(), " and ", out_exit.strides());
+  // An output sharing memory with an input would be written while the input is read (the rows are
+  // processed in parallel), or with the other output: each must have memory of its own.
+  for (const auto& [name, other] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"logits", logits},
+                                    {"confidence", confidence}, {"index", index}, {"out_exit", out_exit}}) {
+    TORCH_CHECK_VALUE(!may_overlap(out_logits, other), op, ": expected out_logits and ", name,
+                      " in separate memory (out_logits is written in place), got tensors that overlap");
+  }
+  for (const auto& [name, other] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"logits", logits},
+                                    {"confidence", confidence}, {"index", index}}) {
+    TORCH_CHECK_VALUE(!may_overlap(out_exit, other), op, ": expected out_exit and ", name,
+                      " in separate memory (out_exit is written in place), got tensors that overlap");
+  }
+}
+
+// The ops are inference ops: no gradient flows from x_kept or out_logits back to x or logits.
+// With grad mode on, a gradient asked for through them would be silently lost, so they refuse
+// x, logits or out_logits requiring grad (confidence only decides which rows exit, and has no
+// gradient in the reference either). Raises RuntimeError. Mirrors eefast/ops.py:check_compact_exits_grad.
+inline void check_compact_exits_grad(const char* op, const at::Tensor& x, const at::Tensor& logits,
+                                     const at::Tensor& out_logits) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"logits", logits},
+                                {"out_logits", out_logits}}) {
+    TORCH_CHECK(!t.requires_grad(), op, " is an inference op (it has no gradient): expected no tensor requiring grad "
+                "while grad mode is on, got ", name, " requiring grad; call it under torch.no_grad() or "
+                "torch.inference_mode(), or on detached tensors");
+  }
 }
 
 }  // namespace eefast

@@ -21,7 +21,8 @@ from eefast.evaluate import (THRESHOLD_GRID, budget_table, calibrate, collect_ex
 from eefast.models import create_model
 from eefast.placement import DISTRIBUTIONS
 from eefast.policies import EXIT_POLICIES
-from eefast.train import LR_SCHEDULES, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig, resolve_device, train
+from eefast.train import (LR_SCHEDULES, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig, check_output_dir, resolve_device,
+                          train)
 
 
 def triton_status() -> dict:
@@ -253,7 +254,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     from eefast import plots
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
     if args.kind == "budget":
         return budget_command(args, out)
     if args.kind == "lam":
@@ -407,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        ops.check_default_impl()
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, ArithmeticError) as error:  # say what, not where
+    except (ValueError, TypeError, OSError, ArithmeticError) as error:  # say what, not where
         print(f"eefast {args.command}: error: {error}", file=sys.stderr)
         return 2
 

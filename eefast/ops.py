@@ -30,14 +30,21 @@ else:
 
 HAS_TRITON = _triton_loss is not None
 IMPLS = ("auto", "triton", "reference")
+# EEFAST_IMPL, read once at import; a value not in IMPLS fails where an implementation is chosen
+# (and at the start of every command line), not at import, so `import eefast` always works.
 DEFAULT_IMPL = os.environ.get("EEFAST_IMPL", "auto").strip().lower() or "auto"
-if DEFAULT_IMPL not in IMPLS:
-    raise ValueError(f"EEFAST_IMPL: expected one of {IMPLS}, got {DEFAULT_IMPL!r}")
+
+
+def check_default_impl() -> str:
+    """EEFAST_IMPL's value, or ValueError naming the choices when it is not one of them."""
+    if DEFAULT_IMPL not in IMPLS:
+        raise ValueError(f"EEFAST_IMPL: expected one of {IMPLS}, got {DEFAULT_IMPL!r}")
+    return DEFAULT_IMPL
 
 
 def choose_impl(impl: str | None, tensor: Tensor) -> str:
     """'triton' or 'reference' for an op on ``tensor``: Triton on CUDA tensors when installed."""
-    impl = DEFAULT_IMPL if impl is None else impl
+    impl = check_default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"expected impl in {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -47,7 +54,7 @@ def choose_impl(impl: str | None, tensor: Tensor) -> str:
     return impl
 
 __all__ = [
-    "compact_exits", "compacted_memory_format", "check_compact_exits_args",
+    "compact_exits", "compacted_memory_format", "check_compact_exits_args", "check_compact_exits_grad",
     "exit_head",
     "eenet_loss", "eenet_loss_parts", "check_loss_args", "choose_impl", "HAS_TRITON", "IMPLS",
 ]
@@ -82,9 +89,11 @@ def check_compact_exits_args(
     out_logits: Tensor,
     out_exit: Tensor,
 ) -> None:
-    """Raises ValueError (shape, device, layout) or TypeError (dtype) naming expected and given.
+    """Raises ValueError (shape, device, layout, outputs sharing memory) or TypeError (dtype)
+    naming expected and given.
 
-    Reads metadata only, so the fake kernel runs it too. Mirrors csrc/compact_exits.h.
+    Reads metadata and addresses only, so the fake kernel runs it too (skipping the addresses).
+    Mirrors csrc/compact_exits.h.
     """
     if x.dim() < 1:
         raise ValueError(f"{op}: expected x of shape [M, ...] (one row per running sample), got a 0-d tensor")
@@ -123,22 +132,94 @@ def check_compact_exits_args(
             raise ValueError(
                 f"{op}: expected every tensor on {x.device} (the device of x), got {name} on {tensor.device}"
             )
+    for name, tensor in (("out_logits", out_logits), ("out_exit", out_exit)):
+        if torch._debug_has_internal_overlap(tensor) == 1:  # at::MemOverlap::Yes
+            raise ValueError(
+                f"{op}: expected {name} without internal overlap (it is written in place, each element at an "
+                f"address of its own), got sizes {list(tensor.shape)} and strides {list(tensor.stride())} "
+                "(elements sharing memory, as from expand)"
+            )
     if not (out_logits.is_contiguous() and out_exit.is_contiguous()):
         raise ValueError(
             f"{op}: expected contiguous out_logits and out_exit (they are written in place), "
             f"got strides {list(out_logits.stride())} and {list(out_exit.stride())}"
         )
+    # An output sharing memory with an input would be written while the input is read, or with the
+    # other output. Fake tensors (the fake kernel, torch.compile) have no addresses to compare: the
+    # compiled op checks the real ones when it runs.
+    if _has_addresses(x, logits, confidence, index, out_logits, out_exit):
+        inputs = {"x": x, "logits": logits, "confidence": confidence, "index": index}
+        pairs = [("out_logits", out_logits, name, t) for name, t in {**inputs, "out_exit": out_exit}.items()]
+        pairs += [("out_exit", out_exit, name, t) for name, t in inputs.items()]
+        for out_name, out, name, other in pairs:
+            if _may_overlap(out, other):
+                raise ValueError(
+                    f"{op}: expected {out_name} and {name} in separate memory ({out_name} is written in place), "
+                    "got tensors that overlap"
+                )
+
+
+def _has_addresses(*tensors: Tensor) -> bool:
+    """Whether the tensors' data pointers are real memory (not fake or meta tensors, not traced)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(isinstance(t, torch._subclasses.FakeTensor) or t.is_meta for t in tensors)
+
+
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b may share memory: their byte spans [first element, last element] intersect.
+
+    Exact for dense tensors (as the outputs are), conservative for strided ones. The same rule as
+    csrc/compact_exits.h:may_overlap.
+    """
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))  # strides are >= 0
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a_begin, a_end), (b_begin, b_end) = span(a), span(b)
+    return a_begin < b_end and b_begin < a_end
+
+
+def check_compact_exits_grad(op: str, x: Tensor, logits: Tensor, out_logits: Tensor) -> None:
+    """Raises RuntimeError if, with grad mode on, x, logits or out_logits requires grad.
+
+    The ops are inference ops: no gradient flows from x_kept or out_logits back to x or logits, so
+    one asked for would be silently lost. confidence only decides which rows exit (no gradient in
+    the reference either). Mirrors csrc/compact_exits.h:check_compact_exits_grad (the compiled
+    ops' Autograd kernel).
+    """
+    if not torch.is_grad_enabled():
+        return
+    for name, tensor in (("x", x), ("logits", logits), ("out_logits", out_logits)):
+        if tensor.requires_grad:
+            raise RuntimeError(
+                f"{op} is an inference op (it has no gradient): expected no tensor requiring grad while grad "
+                f"mode is on, got {name} requiring grad; call it under torch.no_grad() or torch.inference_mode(), "
+                "or on detached tensors"
+            )
+
+
+def _check_index_range(op: str, index: Tensor, batch: int) -> None:
+    """Raises ValueError unless every index value (exiting and surviving rows') is in [0, batch).
+
+    Reads the values (a host synchronisation on CUDA). Mirrors the compiled ops' check.
+    """
+    bad = (index < 0) | (index >= batch)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{op}: expected index values in [0, {batch}) (rows of out_logits), got {int(index[row])} at row {row}"
+        )
 
 
 def _compact_exits_fallback(x, logits, confidence, index, threshold, exit_index, out_logits, out_exit, padded):
     op = "compact_exits_padded" if padded else "compact_exits"
+    check_compact_exits_grad(op, x, logits, out_logits)
     check_compact_exits_args(op, x, logits, confidence, index, exit_index, out_logits, out_exit)
-    exiting = index[confidence >= threshold]
-    if exiting.numel() and not bool(((exiting >= 0) & (exiting < out_logits.shape[0])).all()):
-        bad = exiting[(exiting < 0) | (exiting >= out_logits.shape[0])][0].item()
-        raise ValueError(
-            f"compact_exits: expected index values in [0, {out_logits.shape[0]}) (rows of out_logits), got {bad}"
-        )
+    _check_index_range(op, index, out_logits.shape[0])
     memory_format = compacted_memory_format(x)
     x_kept, index_kept = reference.compact_exits(
         x, logits, confidence, index, threshold, exit_index, out_logits, out_exit
@@ -175,6 +256,13 @@ def compact_exits(
 
     With ``padded=True`` nothing is synchronised: returns ``(x_kept [M, ...], index_kept [M],
     count [])`` where rows past ``count`` are zeros and their index is -1.
+
+    Refused before anything is written (ValueError): ``out_logits`` or ``out_exit`` sharing memory
+    with any other argument or within itself, and any index value (a surviving row's too, so the
+    -1 padding of ``padded=True`` cannot be passed back as it is) outside ``[0, B)``. On CUDA a bad
+    index is found on the device without a synchronisation: a device-side assertion, after which
+    the CUDA context is unusable. An inference op: with grad mode on, ``x``, ``logits`` or
+    ``out_logits`` requiring grad is a RuntimeError (nothing would carry their gradient).
     """
     op = "compact_exits_padded" if padded else "compact_exits"
     if x.device.type in _COMPILED_DEVICES[op]:

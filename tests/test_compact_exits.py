@@ -232,6 +232,131 @@ def test_dispatcher_has_cuda_kernel(extension):
         assert "CUDA: registered at" in torch._C._dispatch_dump(f"eefast::{op}")
 
 
+# ---- aliased arguments, indices of surviving rows, inputs requiring grad -------------------
+# Every op (compiled and fallback, unpadded and padded) refuses these before writing anything.
+
+def compiled_padded_op(*args):
+    return torch.ops.eefast.compact_exits_padded(*args)
+
+
+def fallback_padded_op(*args):
+    return ops._compact_exits_fallback(*args, padded=True)
+
+
+ALL_OPS = {"compiled": compiled_op, "compiled-padded": compiled_padded_op,
+           "fallback": fallback_op, "fallback-padded": fallback_padded_op}
+
+
+@pytest.fixture(params=list(ALL_OPS))
+def any_op(request):
+    if request.param.startswith("compiled"):
+        request.getfixturevalue("extension")
+    return ALL_OPS[request.param]
+
+
+def small_args():
+    """Four rows and a batch of four (so an output can be an input); rows 0 and 2 exit."""
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        x=torch.randn(4, 3, generator=g), logits=torch.randn(4, 3, generator=g),
+        confidence=torch.tensor([0.9, 0.1, 0.7, 0.2]), index=torch.tensor([2, 0, 3, 1]),
+        threshold=THRESHOLD, exit_index=1, out_logits=torch.zeros(4, 3), out_exit=torch.full((4,), -1),
+    )
+
+
+def x_under_out_logits(a):  # x is rows 0-3 of a buffer, out_logits rows 1-4
+    buffer = torch.randn(5, 3)
+    a.update(x=buffer[:4], out_logits=buffer[1:])
+
+
+def confidence_in_out_logits(a):  # confidence is the first four floats of out_logits
+    a["out_logits"].view(-1)[:4] = a["confidence"]
+    a.update(confidence=a["out_logits"].view(-1)[:4])
+
+
+def out_exit_in_out_logits(a):  # one 48-byte buffer: out_logits all of it, out_exit bytes 16-48
+    buffer = torch.zeros(12)
+    a.update(out_logits=buffer.view(4, 3), out_exit=buffer.view(torch.int64)[2:])
+
+
+def surviving_index(row, value):  # rows 1 and 3 stay in the batch
+    return lambda a: a["index"].__setitem__(row, value)
+
+
+def requiring_grad(name):
+    return lambda a: a[name].requires_grad_()
+
+
+# (label, how to break the arguments, exception type, words the message must hold)
+REFUSED = [
+    ("out_logits-is-logits", lambda a: a.update(out_logits=a["logits"]), ValueError, ["out_logits and logits", "separate memory"]),
+    ("out_logits-overlaps-x", x_under_out_logits, ValueError, ["out_logits and x", "separate memory"]),
+    ("out_logits-overlaps-confidence", confidence_in_out_logits, ValueError, ["out_logits and confidence", "separate memory"]),
+    ("out_exit-is-index", lambda a: a.update(out_exit=a["index"]), ValueError, ["out_exit and index", "separate memory"]),
+    ("out_exit-overlaps-out_logits", out_exit_in_out_logits, ValueError, ["out_logits and out_exit", "separate memory"]),
+    ("out_logits-expanded", lambda a: a.update(out_logits=torch.zeros(1, 3).expand(4, 3)), ValueError, ["out_logits", "internal overlap", "[4, 3]", "[0, 1]"]),
+    ("out_exit-expanded", lambda a: a.update(out_exit=torch.full((1,), -1).expand(4)), ValueError, ["out_exit", "internal overlap", "[4]", "[0]"]),
+    ("surviving-index-too-large", surviving_index(1, 4), ValueError, ["index values in [0, 4)", "got 4 at row 1"]),
+    ("surviving-index-negative", surviving_index(3, -1), ValueError, ["index values in [0, 4)", "got -1 at row 3"]),
+    ("x-requires-grad", requiring_grad("x"), RuntimeError, ["inference op", "got x requiring grad", "torch.no_grad()"]),
+    ("logits-requires-grad", requiring_grad("logits"), RuntimeError, ["inference op", "got logits requiring grad", "torch.no_grad()"]),
+    ("out_logits-requires-grad", requiring_grad("out_logits"), RuntimeError, ["inference op", "got out_logits requiring grad"]),
+]
+
+
+@pytest.mark.parametrize("label, breaks, error, words", REFUSED, ids=[r[0] for r in REFUSED])
+def test_refused_before_writing(any_op, label, breaks, error, words):
+    args = small_args()
+    breaks(args)
+    before = {name: t.detach().clone() for name, t in args.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(error) as raised:
+        any_op(*args.values())
+    message = str(raised.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    for name, was in before.items():
+        assert torch.equal(args[name].detach(), was), f"{name} was written before failing"
+
+
+def test_disjoint_views_of_one_buffer(any_op):
+    """Inputs and outputs may share a storage where their memory does not overlap."""
+    args = small_args()
+    want = (*fallback_op(*args.values()), args["out_logits"].clone(), args["out_exit"].clone())
+    buffer = torch.zeros(8, 3)
+    buffer[:4] = args["x"]
+    fresh = small_args()
+    fresh.update(x=buffer[:4], out_logits=buffer[4:])
+    got = any_op(*fresh.values())
+    assert torch.equal(got[0][: want[0].shape[0]], want[0])
+    assert torch.equal(fresh["out_logits"], want[2]) and torch.equal(fresh["out_exit"], want[3])
+
+
+def test_requires_grad_without_grad_mode(any_op):
+    """Under torch.no_grad() (as EENet.predict runs it), inputs requiring grad are fine: no gradient
+    is asked for. A confidence requiring grad is fine anyway (only compared, it has no gradient)."""
+    args = small_args()
+    for name in ("x", "logits", "out_logits"):
+        args[name].requires_grad_()
+    with torch.no_grad():
+        outputs = any_op(*args.values())
+    assert not any(t.requires_grad for t in outputs)
+    args = small_args()
+    args["confidence"].requires_grad_()
+    outputs = any_op(*args.values())
+    assert not any(t.requires_grad for t in outputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["compact_exits", "compact_exits_padded"])
+def test_cuda_refuses_aliased_outputs(extension, op):
+    """The overlap checks run on the host, before any launch."""
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in small_args().items()}
+    for alias in ({"out_logits": args["logits"]}, {"out_exit": args["index"]}):
+        broken = {**args, **alias}
+        with pytest.raises(ValueError, match="separate memory"):
+            getattr(torch.ops.eefast, op)(*broken.values())
+
+
 # ---- GPU ---------------------------------------------------------------------------------
 
 @pytest.mark.cuda

@@ -1,8 +1,10 @@
-// CPU implementation of eefast::compact_exits and eefast::compact_exits_padded.
+// CPU implementation of eefast::compact_exits and eefast::compact_exits_padded, and both ops'
+// Autograd kernel (the same for every device: it refuses tensors requiring grad).
 //
-// A serial scan over the confidences gives each surviving row its output position (O(M) scalar
-// work), then one at::parallel_for pass over the rows writes the exiting rows' logits and exit
-// numbers into the batch outputs and copies the surviving rows of x as raw byte blocks.
+// A serial scan over the indices (all checked first) and the confidences gives each surviving
+// row its output position (O(M) scalar work), then one at::parallel_for pass over the rows
+// writes the exiting rows' logits and exit numbers into the batch outputs and copies the
+// surviving rows of x as raw byte blocks.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,12 +22,18 @@ namespace {
 
 // keep[i] = !(confidence[i] >= threshold), compared in confidence's dtype as `h >= T` in PyTorch
 // does (T rounded to that dtype first); a NaN confidence never exits. Returns the rows' output
-// positions (-1 for exiting rows) and the number of survivors. Exiting rows' batch positions are
-// checked here, before anything is written.
-std::pair<std::vector<int64_t>, int64_t> survivor_positions(const at::Tensor& confidence, const at::Tensor& index,
-                                                            double threshold, int64_t batch) {
+// positions (-1 for exiting rows) and the number of survivors. Every row's batch position is
+// checked here, before anything is written: exiting rows' address out_logits, surviving rows'
+// are carried to index_kept and address it at a later exit.
+std::pair<std::vector<int64_t>, int64_t> survivor_positions(const char* op, const at::Tensor& confidence,
+                                                            const at::Tensor& index, double threshold,
+                                                            int64_t batch) {
   const int64_t rows = confidence.size(0);
   const int64_t* idx = index.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK_VALUE(idx[i] >= 0 && idx[i] < batch, op, ": expected index values in [0, ", batch,
+                      ") (rows of out_logits), got ", idx[i], " at row ", i);
+  }
   std::vector<int64_t> position(rows);
   int64_t survivors = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, confidence.scalar_type(), "compact_exits_cpu", [&] {
@@ -34,8 +42,6 @@ std::pair<std::vector<int64_t>, int64_t> survivor_positions(const at::Tensor& co
     const opmath_t t = static_cast<opmath_t>(static_cast<scalar_t>(threshold));
     for (int64_t i = 0; i < rows; ++i) {
       const bool exits = static_cast<opmath_t>(h[i]) >= t;
-      TORCH_CHECK_VALUE(!exits || (idx[i] >= 0 && idx[i] < batch), "compact_exits: expected index values in [0, ",
-                        batch, ") (rows of out_logits), got ", idx[i], " at row ", i);
       position[i] = exits ? -1 : survivors++;
     }
   });
@@ -93,7 +99,8 @@ Plan plan(const char* op, const at::Tensor& x, const at::Tensor& logits, const a
   check_compact_exits_args(op, x, logits, confidence, index, exit_index, out_logits, out_exit);
   const auto format = compacted_memory_format(x);
   at::Tensor index_c = index.contiguous();
-  auto [position, survivors] = survivor_positions(confidence.contiguous(), index_c, threshold, out_logits.size(0));
+  auto [position, survivors] =
+      survivor_positions(op, confidence.contiguous(), index_c, threshold, out_logits.size(0));
   return {format, x.contiguous(format), logits.contiguous(), index_c, std::move(position), survivors};
 }
 
@@ -120,11 +127,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_exits_padded_cpu(
   return {x_kept, index_kept, at::scalar_tensor(p.survivors, p.index.options())};
 }
 
+// Autograd (every device; registered here, in the one source every build compiles): the ops
+// have no gradient, so with grad mode on they refuse tensors requiring grad
+// (check_compact_exits_grad) rather than return outputs whose gradient is silently lost; then
+// they run below autograd, as torch.library documents for non-differentiable ops.
+std::tuple<at::Tensor, at::Tensor> compact_exits_autograd(const at::Tensor& x, const at::Tensor& logits,
+                                                          const at::Tensor& confidence, const at::Tensor& index,
+                                                          double threshold, int64_t exit_index,
+                                                          at::Tensor& out_logits, at::Tensor& out_exit) {
+  check_compact_exits_grad("compact_exits", x, logits, out_logits);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("eefast::compact_exits", "")
+                             .typed<decltype(compact_exits_cpu)>();
+  at::AutoDispatchBelowAutograd guard;
+  return op.call(x, logits, confidence, index, threshold, exit_index, out_logits, out_exit);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_exits_padded_autograd(
+    const at::Tensor& x, const at::Tensor& logits, const at::Tensor& confidence, const at::Tensor& index,
+    double threshold, int64_t exit_index, at::Tensor& out_logits, at::Tensor& out_exit) {
+  check_compact_exits_grad("compact_exits_padded", x, logits, out_logits);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("eefast::compact_exits_padded", "")
+                             .typed<decltype(compact_exits_padded_cpu)>();
+  at::AutoDispatchBelowAutograd guard;
+  return op.call(x, logits, confidence, index, threshold, exit_index, out_logits, out_exit);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eefast, CPU, m) {
   m.impl("compact_exits", &compact_exits_cpu);
   m.impl("compact_exits_padded", &compact_exits_padded_cpu);
+}
+
+TORCH_LIBRARY_IMPL(eefast, Autograd, m) {
+  m.impl("compact_exits", &compact_exits_autograd);
+  m.impl("compact_exits_padded", &compact_exits_padded_autograd);
 }
 
 }  // namespace eefast

@@ -9,6 +9,12 @@
 //                    to their position in the compacted output.
 // compact_exits reads the survivor count to the host once (the only synchronisation) to size
 // its outputs; compact_exits_padded keeps capacity M and returns the count on the device.
+// The host checks (compact_exits.h: shapes, dtypes, outputs sharing memory with any other
+// argument, tensors requiring grad) raise before the first launch. An index value out of
+// [0, B), any row's, is found on the device without a synchronisation: decide_rows fails a
+// device-side assertion (CUDA_KERNEL_ASSERT), in both ops. As with any device-side assertion,
+// the CUDA context is then unusable (every later CUDA call raises), so whatever other blocks
+// of that launch wrote can no longer be read.
 // Only c10/cuda headers are used (ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers).
 
 #include <ATen/ATen.h>
@@ -45,11 +51,12 @@ __global__ void decide_rows_kernel(const conf_t* __restrict__ confidence,   // [
                                    int64_t exit_index) {
   using opmath_t = at::opmath_type<conf_t>;
   for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+    // Every row's index is checked, the surviving rows' too (gather_rows copies them to index_kept).
+    const int64_t b = index[i];
+    CUDA_KERNEL_ASSERT(b >= 0 && b < batch && "compact_exits: index out of range of out_logits");
     const bool exits = static_cast<opmath_t>(confidence[i]) >= static_cast<opmath_t>(threshold);
     if (threadIdx.x == 0) keep[i] = exits ? 0 : 1;
     if (!exits) continue;
-    const int64_t b = index[i];
-    CUDA_KERNEL_ASSERT(b >= 0 && b < batch && "compact_exits: index out of range of out_logits");
     for (int64_t k = threadIdx.x; k < classes; k += blockDim.x) out_logits[b * classes + k] = logits[i * classes + k];
     if (threadIdx.x == 0) out_exit[b] = exit_index;
   }
