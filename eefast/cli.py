@@ -295,6 +295,41 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict_command(args: argparse.Namespace) -> int:
+    from eefast.predict import check_output_file, predict_dataset, write_csv
+    from eefast.train import setup_distributed
+
+    out = Path(args.out)
+    check_output_file(out)
+    for option, value in (("--batch-size", args.batch_size), ("--request-size", args.request_size)):
+        if value < 1:
+            raise ValueError(f"{option}: expected an integer >= 1, got {value}")
+    payload = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(payload)
+    distributed = setup_distributed(args.device)
+    model.to(resolve_device(args.device, distributed.local_rank))
+    config = payload.get("config", {})
+    splits = load_dataset(args.dataset or config.get("dataset", "mnist-sample"),
+                          args.data_root or config.get("data_root", "data"), seed=config.get("seed", 0),
+                          val_fraction=config.get("val_fraction", 0.1), augment=False)
+    dataset = {"test": splits.test, "val": splits.val, "train": splits.train}[args.split]  # train: not augmented
+    rows, summary = predict_dataset(model, dataset, batch_size=args.batch_size, request_size=args.request_size,
+                                    progress=distributed.is_main and sys.stderr.isatty())
+    if not distributed.is_main:
+        return 0
+    write_csv(rows, out)
+    summary = {"checkpoint": str(args.checkpoint), "split": args.split, "out": str(out), **summary}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        accuracy = "" if summary["accuracy"] is None else f", accuracy {summary['accuracy']:.2f} %"
+        print(f"{payload['model_name']} on the {splits.name} {args.split} split: {summary['samples']} samples in "
+              f"{summary['seconds']:.2f} s ({summary['samples_per_second']:.0f}/s){accuracy}, relative cost "
+              f"{summary['relative_cost']:.3f}, exits {summary['exit_counts']}")
+        print(f"wrote {out}")
+    return 0
+
+
 def _checkpoint_splits(payload: dict):
     config = payload.get("config", {})
     return load_dataset(config.get("dataset", "mnist-sample"), config.get("data_root", "data"),
@@ -374,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--device", default="auto")
     eval_parser.add_argument("--json", action="store_true")
     eval_parser.set_defaults(run=eval_command)
+
+    predict_parser = commands.add_parser(
+        "predict", help="a checkpoint over a dataset split through the stream runner; one CSV row per sample")
+    predict_parser.add_argument("--checkpoint", required=True)
+    predict_parser.add_argument("--dataset", help="default: the checkpoint's")
+    predict_parser.add_argument("--data-root", help="default: the checkpoint's")
+    predict_parser.add_argument("--split", default="test", choices=["test", "val", "train"])
+    predict_parser.add_argument("--out", default="predictions.csv", help="CSV: index, prediction, exit, cost, "
+                                "confidence (top softmax probability), label")
+    predict_parser.add_argument("--batch-size", type=int, default=64, help="rows each segment runs on")
+    predict_parser.add_argument("--request-size", type=int, default=1, help="samples per request (a caller's batch)")
+    predict_parser.add_argument("--device", default="auto")
+    predict_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    predict_parser.set_defaults(run=predict_command)
 
     profile_parser = commands.add_parser("profile", help="per-exit FLOPs, costs and parameters of a model")
     _add_model_args(profile_parser, model_default=None)
