@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -99,12 +100,15 @@ print("CUDA" if "CUDA: registered" in dump else "CPU")
 def test_readme_python_examples_run():
     """Every Python example of the README runs as written."""
     readme = (ROOT / "README.md").read_text()
-    blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    blocks = [textwrap.dedent(part.split("```", 1)[0]) for part in readme.split("```python\n")[1:]]
+    assert len(blocks) == 3
     for block in blocks:
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)
-        if "compact_exits" in block:
+        if "EENetStream" in block:
+            want = namespace["model"].predict(namespace["images"]).exit
+            assert torch.equal(torch.cat([p.exit for p in namespace["predictions"]]), want)
+        elif "compact_exits" in block:
             kept = namespace["confidence"] < 0.5
             assert torch.equal(namespace["index"], torch.arange(8)[kept])
             assert torch.equal(namespace["out_exit"] == 0, ~kept)
