@@ -47,11 +47,13 @@ def _controlled_mix(name: str, device: str, dtype: torch.dtype, rows: int):
 
 
 def check_mix(model, batch: torch.Tensor, tolerance: float = 0.02) -> None:
-    """Fails unless the model's thresholds give MIX (within ``tolerance`` of each share) on ``batch``,
+    """Skips unless the model's thresholds give MIX on ``batch`` (each share within ``tolerance``, or one
+    sample where the batch is small),
     computed in the batch's dtype and on its device: what the benchmark times. In bfloat16 scores can
     tie or saturate at 1.0, and no threshold then gives the mix."""
     counts = torch.bincount(model.predict(batch, mode="mask").exit, minlength=model.num_exits).tolist()
     shares = [c / batch.shape[0] for c in counts[:-1]]
+    tolerance = max(tolerance, 1 / batch.shape[0])
     if not all(abs(s - m) <= tolerance for s, m in zip(shares, MIX)):
         pytest.skip(f"the exit mix {MIX} does not hold in {batch.dtype} on {batch.device}: exits {counts} of "
                     f"{batch.shape[0]} samples (scores tie or saturate)")
