@@ -24,7 +24,8 @@ threshold.
 
 Memory: between steps each queue holds fewer than ``batch_size`` rows, plus the newest request's rows
 in the first queue; ``map`` holds the results of at most ``max_buffered`` samples that finished after
-an unfinished earlier one (past it, partial batches run until the oldest request finishes).
+an unfinished earlier one (past it, partial batches run until the oldest request finishes);
+``submit`` blocks while ``max_pending`` submitted samples are unresolved.
 """
 
 from __future__ import annotations
@@ -100,17 +101,21 @@ class EENetStream:
     """
 
     def __init__(self, model: EENet, batch_size: int = 64, max_delay: float | None = 0.005,
-                 max_buffered: int | None = None):
+                 max_buffered: int | None = None, max_pending: int | None = None):
         if not isinstance(model, EENet):
             raise TypeError(f"EENetStream: expected an eefast.EENet, got {type(model).__name__}")
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"EENetStream: expected batch_size an integer >= 1, got {batch_size!r}")
         if max_delay is not None and not (max_delay >= 0 and max_delay < float("inf")):
             raise ValueError(f"EENetStream: expected max_delay a finite number of seconds >= 0 or None, got {max_delay!r}")
+        for name, value in (("max_buffered", max_buffered), ("max_pending", max_pending)):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"EENetStream: expected {name} an integer >= 1 or None, got {value!r}")
         self.model = model.eval()
         self.batch_size = batch_size
         self.max_delay = max_delay
         self.max_buffered = 16 * batch_size if max_buffered is None else max_buffered
+        self.max_pending = 64 * batch_size if max_pending is None else max_pending
         self.queues = [_Queue() for _ in range(model.num_exits)]
         self.requests: dict[int, _Request] = {}  # in flight, by id
         self._next_id = 0
@@ -122,6 +127,7 @@ class EENetStream:
         self._worker: threading.Thread | None = None
         self._closing = False
         self._cancel = False
+        self._unresolved = 0  # samples submitted whose futures are not done
 
     # ---- the engine (one thread at a time) --------------------------------------------------
 
@@ -232,7 +238,7 @@ class EENetStream:
         if self._worker is not None:
             with self._wake:
                 self._inbox.append("flush")
-                self._wake.notify()
+                self._wake.notify_all()
             return
         self._pump(flush=True)
 
@@ -240,17 +246,28 @@ class EENetStream:
 
     def submit(self, x: Tensor) -> concurrent.futures.Future:
         """Queues ``x`` [b, C, H, W]; the future resolves to its ``Prediction`` (or the error its input
-        raised). Thread-safe; starts the worker on first use."""
+        raised). Thread-safe; starts the worker on first use. Blocks while ``max_pending`` samples
+        are submitted and unresolved (a request larger than that waits until none is)."""
+        rows = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 1
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
+            while self._unresolved and self._unresolved + rows > self.max_pending and not self._closing:
+                self._wake.wait()
             if self._closing:
                 raise RuntimeError("EENetStream.submit: the stream is closed")
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="eefast-stream", daemon=True)
                 self._worker.start()
+            self._unresolved += rows
             self._inbox.append((x, future))
-            self._wake.notify()
+            self._wake.notify_all()
+        future.add_done_callback(lambda _, rows=rows: self._resolved(rows))
         return future
+
+    def _resolved(self, rows: int) -> None:
+        with self._wake:
+            self._unresolved -= rows
+            self._wake.notify_all()
 
     def _oldest_wait(self) -> float | None:
         """Seconds until the oldest request in flight has waited ``max_delay`` (None: nothing waits)."""
@@ -314,7 +331,7 @@ class EENetStream:
         with self._wake:
             self._closing = True
             self._cancel = cancel
-            self._wake.notify()
+            self._wake.notify_all()
         if self._worker is not None:
             self._worker.join()
         elif cancel:

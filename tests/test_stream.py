@@ -90,13 +90,38 @@ def test_submit_under_concurrent_load_returns_every_result_in_order(model):
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
 
-    with EENetStream(model, batch_size=32, max_delay=0.002) as stream:
+    with EENetStream(model, batch_size=32, max_delay=0.002, max_pending=96) as stream:  # submit blocks past 96
         threads = [threading.Thread(target=client, args=(seed, stream, 40)) for seed in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.slow
+def test_ten_thousand_requests_from_eight_threads(model):
+    """8 clients, 10,000 requests of 1-16 samples in all: every result, in order, none lost or repeated."""
+    want = model.predict(INPUTS)
+    results: dict[int, list] = {}
+
+    def client(seed: int, stream: EENetStream) -> None:
+        rng = random.Random(seed)
+        mine = results.setdefault(seed, [])
+        for _ in range(1250):
+            start, size = rng.randrange(0, 284), rng.randint(1, 16)
+            mine.append((start, size, stream.submit(INPUTS[start : start + size])))
+
+    with EENetStream(model, batch_size=64, max_delay=0.002) as stream:
+        threads = [threading.Thread(target=client, args=(seed, stream)) for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sum(len(v) for v in results.values()) == 10_000
+    for mine in results.values():
+        for start, size, future in mine:
+            assert_same(future.result(timeout=0), eefast.Prediction(*(t[start : start + size] for t in want)))
 
 
 @pytest.mark.parametrize("cancel", [False, True], ids=["complete", "cancel"])
@@ -136,6 +161,8 @@ def test_stream_arguments_are_checked(model):
         EENetStream(model, batch_size=0)
     with pytest.raises(ValueError, match="expected max_delay a finite number of seconds >= 0 or None, got -1"):
         EENetStream(model, max_delay=-1)
+    with pytest.raises(ValueError, match="expected max_pending an integer >= 1 or None, got 0"):
+        EENetStream(model, max_pending=0)
     with pytest.raises(TypeError, match="expected an eefast.EENet, got Linear"):
         EENetStream(torch.nn.Linear(2, 2))
 
