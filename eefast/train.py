@@ -112,6 +112,64 @@ def check_resume_config(stored: dict, given: dict, where: str) -> None:
                          f"{asked} (start a new run with another --out to change them)")
 
 
+def check_resume_state(checkpoint: dict, optimizer: torch.optim.Optimizer, where: str, config: TrainConfig,
+                       steps: int, world_size: int) -> None:
+    """Raises CheckpointError naming the first piece of a training checkpoint's state that --resume
+    could not continue from exactly: the epoch and its history, the early-stopping state, the RNG
+    states, where a stopped epoch stopped, and the optimizer's state (already loaded)."""
+    def fail(field: str, expected: str, got) -> None:
+        raise CheckpointError(f"{where}: expected {field} {expected}, got {got!r}")
+
+    def is_rng(value) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == rng_shape
+
+    rng_shape = torch.get_rng_state().shape
+    epoch, history = checkpoint["epoch"], checkpoint["history"]
+    if not -1 <= epoch < config.epochs:
+        fail("epoch", f"in [-1, {config.epochs}) (the last finished one, under --epochs {config.epochs})", epoch)
+    if len(history) != epoch + 1 or not all(isinstance(row, dict) and isinstance(row.get("exit_counts"), list)
+                                            for row in history):
+        fail("history", f"{epoch + 1} epoch records (dicts with exit_counts)", history[:3])
+    if math.isnan(checkpoint["best_loss"]):
+        fail("best_loss", "a number (inf before the first epoch)", checkpoint["best_loss"])
+    if not is_rng(checkpoint["rng_state"]):
+        fail("rng_state", f"a uint8 tensor of shape {list(rng_shape)} (torch.get_rng_state())",
+             getattr(checkpoint["rng_state"], "shape", checkpoint["rng_state"]))
+    position = checkpoint.get("position")
+    if position is not None:
+        if position.get("epoch") != epoch + 1:
+            fail("position.epoch", f"{epoch + 1} (the epoch after the last finished one)", position.get("epoch"))
+        step = position.get("step")
+        if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= steps):
+            fail("position.step", f"an integer in [0, {steps}] (the epoch's batches)", step)
+        ranks = position.get("ranks") or [{"sums": position.get("sums"), "samples": position.get("samples"),
+                                          "rng_state": checkpoint["rng_state"]}]
+        for i, rank in enumerate(ranks if isinstance(ranks, list) else [None]):
+            if not isinstance(rank, dict):
+                fail(f"position.ranks[{i}]", "a dict", rank)
+            sums, samples = rank.get("sums"), rank.get("samples")
+            if not (isinstance(sums, list) and len(sums) == 3 and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in sums)):
+                fail(f"position.ranks[{i}].sums", "3 finite numbers (the epoch's loss sums so far)", sums)
+            if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0):
+                fail(f"position.ranks[{i}].samples", "an integer >= 0", samples)
+            if not is_rng(rank.get("rng_state")):
+                fail(f"position.ranks[{i}].rng_state", f"a uint8 tensor of shape {list(rng_shape)}",
+                     getattr(rank.get("rng_state"), "shape", rank.get("rng_state")))
+    for g, group in enumerate(optimizer.param_groups):
+        if group.get("weight_decay") != config.weight_decay:
+            fail(f"optimizer_state param_groups[{g}].weight_decay", f"{config.weight_decay} (--weight-decay)",
+                 group.get("weight_decay"))
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if value.dim() and value.shape != p.shape:
+                    fail(f"optimizer state {key!r}", f"of its parameter's shape {list(p.shape)}", list(value.shape))
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    fail(f"optimizer state {key!r}", "finite", "a tensor with NaN or inf")
+
+
 class FinalExitLoss:
     """The final exit's cross-entropy alone, with ``EENetLoss``'s call and ``terms``."""
 
@@ -467,13 +525,16 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{path}: its weights or optimizer state do not fit the run's model: "
                                   f"{type(error).__name__}: {error}") from error
+        position = checkpoint.get("position")
+        stopped_in = position.get("epoch") if isinstance(position, dict) else None
+        steps = self._loader(stopped_in if isinstance(stopped_in, int) and 0 <= stopped_in < self.config.epochs else 0)[1]
+        check_resume_state(checkpoint, self.optimizer, str(path), self.config, steps, self.dist.world_size)
         self.model.policy = recipe_value(self.config, "policy")
         if self.fixed_threshold is not None:
             self.model.threshold = self.fixed_threshold
         self.start_epoch = checkpoint["epoch"] + 1
         self.history = list(checkpoint["history"])
         self.best_loss, self.stale_epochs = checkpoint["best_loss"], checkpoint["stale_epochs"]
-        position = checkpoint.get("position")
         if position is None:
             torch.set_rng_state(checkpoint["rng_state"])
         else:  # stopped mid-epoch: each rank goes on with its own loss sums and RNG state

@@ -166,6 +166,43 @@ def test_resume_of_a_checkpoint_missing_its_training_state(one_epoch, tmp_path):
         Trainer(dataclasses.replace(config, out=str(tmp_path), resume=True))
 
 
+def _rank(**change):
+    return {"sums": [1.0, 0.5, 0.1], "samples": 64, "rng_state": torch.get_rng_state(), **change}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.update(epoch=10**9), r"expected epoch in \[-1, 1\)"),
+    (lambda p: p.update(history=[]), r"expected history 1 epoch records"),
+    (lambda p: p.update(history=["epoch 1"]), r"expected history 1 epoch records"),
+    (lambda p: p.update(best_loss=float("nan")), r"expected best_loss a number"),
+    (lambda p: p.update(rng_state=torch.zeros(5, dtype=torch.uint8)), r"expected rng_state a uint8 tensor of shape"),
+    (lambda p: p.update(position={"epoch": 3, "step": 1, "ranks": [_rank()]}), r"expected position.epoch 1"),
+    (lambda p: p.update(position={"epoch": 1, "step": -1, "ranks": [_rank()]}), r"expected position.step an integer"),
+    (lambda p: p.update(position={"epoch": 1, "step": 10**6, "ranks": [_rank()]}), r"expected position.step"),
+    (lambda p: p.update(position={"epoch": 1, "step": 1, "ranks": [_rank(sums=[1.0])]}),
+     r"expected position.ranks\[0\].sums 3 finite numbers"),
+    (lambda p: p.update(position={"epoch": 1, "step": 1, "ranks": [_rank(samples=-4)]}),
+     r"expected position.ranks\[0\].samples an integer >= 0"),
+    (lambda p: p.update(position={"epoch": 1, "step": 1, "ranks": "all"}), r"expected position.ranks\[0\] a dict"),
+    (lambda p: p["optimizer_state"]["state"][0].update(exp_avg=torch.zeros(3)),
+     r"expected optimizer state 'exp_avg' of its parameter's shape"),
+    (lambda p: p["optimizer_state"]["state"][0]["exp_avg_sq"].fill_(float("nan")),
+     r"expected optimizer state 'exp_avg_sq' finite"),
+    (lambda p: p["optimizer_state"]["param_groups"][0].update(weight_decay=3.0),
+     r"expected optimizer_state param_groups\[0\].weight_decay 0.05"),
+], ids=["epoch", "history-short", "history-type", "best-loss-nan", "rng-shape", "position-epoch", "step-negative",
+        "step-huge", "sums", "samples", "ranks-type", "optimizer-shape", "optimizer-nan", "optimizer-decay"])
+def test_resume_refuses_a_training_state_it_could_not_continue(one_epoch, tmp_path, change, message):
+    out, config = one_epoch
+    payload = load_checkpoint(out / "last.pt")
+    change(payload)
+    save_checkpoint(tmp_path / "last.pt", payload)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(dataclasses.replace(config, out=str(tmp_path), resume=True))
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
 # ---- datasets -----------------------------------------------------------------------------------
 
 
