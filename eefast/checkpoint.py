@@ -52,8 +52,15 @@ def verify_archive(path: Path) -> None:
     (``torch.load`` does not, so damaged tensor bytes would load as changed weights)."""
     try:
         with zipfile.ZipFile(path) as archive:
+            # torch.save stores its members uncompressed: the file's size bounds what loading allocates
+            packed = [m.filename for m in archive.infolist() if m.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise CheckpointError(f"checkpoint {str(path)!r}: expected the uncompressed members torch.save "
+                                      f"writes, got {packed[0]!r} compressed")
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as error:
+        if isinstance(error, CheckpointError):
+            raise
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: {error}") from error
     if damaged is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: the bytes of {damaged!r} do not match "
@@ -71,7 +78,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # corrupted, or holding objects weights_only refuses
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION or "model_state" not in payload:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
             f"{str(path)!r} is not an eefast checkpoint of format {FORMAT_VERSION} (found format {found!r})"
@@ -100,10 +107,11 @@ MODEL_FIELDS: dict[str, tuple[bool, str, Callable[[object], bool]]] = {
     "threshold": (False, "a number or a list of numbers", lambda v: v is None or _numbers(v)),
     "policy": (False, "a string", lambda v: v is None or isinstance(v, str)),
     "exit_temperature": (False, "a list of numbers", lambda v: v is None or _numbers(v)),
+    "config": (False, "a dict (the run's settings)", lambda v: v is None or isinstance(v, dict)),
 }
 # What --resume reads besides (eefast.train), and what each must be.
 TRAINING_FIELDS: dict[str, tuple[bool, str, Callable[[object], bool]]] = {
-    "config": (True, "a dict", lambda v: isinstance(v, dict)),
+    "config": (True, "a dict (the run's settings)", lambda v: isinstance(v, dict)),
     "optimizer_state": (True, "a dict", lambda v: isinstance(v, dict)),
     "epoch": (True, "an integer >= -1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1),
     "history": (True, "a list", lambda v: isinstance(v, list)),
@@ -126,9 +134,9 @@ def check_payload(payload: dict, where: str = "checkpoint", fields=MODEL_FIELDS)
 
 
 # What a checkpoint's model may allocate: its parameters, and the largest feature map of one sample
-# (the FLOP profile runs one; a training batch holds many). About 4 GB each in float32.
+# (the FLOP profile runs one; a training batch holds many).
 MAX_PARAMETERS = 1 << 30
-MAX_FEATURE_ELEMENTS = 1 << 30
+MAX_FEATURE_ELEMENTS = 1 << 27  # 512 MB in float32; an ImageNet ResNet's largest is 64 x 112 x 112 (0.8 M)
 
 
 def check_model_size(name: str, kwargs: dict) -> None:
@@ -162,8 +170,10 @@ def model_from_checkpoint(payload: dict):
         raise CheckpointError(f"checkpoint's model {name!r} {kwargs} cannot be built: {error}") from error
     try:
         apply_checkpoint(model, payload)
-    except (RuntimeError, ValueError) as error:  # weights of another shape; a policy or rule that does not fit
-        raise CheckpointError(f"checkpoint weights or exit rule do not fit model {name!r} {kwargs}: {error}") from error
+    except (RuntimeError, ValueError, TypeError) as error:  # weights of another shape; a rule that does not fit
+        detail = " ".join(str(error).split())  # load_state_dict's report is many lines: one, and not too long
+        detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+        raise CheckpointError(f"checkpoint weights or exit rule do not fit model {name!r} {kwargs}: {detail}") from error
     return model
 
 

@@ -14,15 +14,15 @@ import torch
 
 from eefast import _ext, ops, reference
 from eefast._version import __version__
-from eefast.checkpoint import load_checkpoint, model_from_checkpoint
+from eefast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from eefast.data import DATASETS, load_dataset
 from eefast.evaluate import (THRESHOLD_GRID, budget_table, calibrate, collect_exits, evaluate,
                              exit_outputs, threshold_sweep)
 from eefast.models import create_model
 from eefast.placement import DISTRIBUTIONS
 from eefast.policies import EXIT_POLICIES
-from eefast.train import (LR_SCHEDULES, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig, check_output_dir, resolve_device,
-                          train)
+from eefast.train import (LR_SCHEDULES, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig, check_config, check_output_dir,
+                          resolve_device, train)
 
 
 def triton_status() -> dict:
@@ -191,12 +191,9 @@ def _parse_thresholds(values: list[float] | None) -> float | list[float] | None:
 def eval_command(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(payload)
-    config = payload.get("config", {})
     device = resolve_device(args.device)
     model.to(device)
-    splits = load_dataset(args.dataset or config.get("dataset", "mnist-sample"),
-                          args.data_root or config.get("data_root", "data"), seed=config.get("seed", 0),
-                          val_fraction=config.get("val_fraction", 0.1), augment=False)
+    splits = _checkpoint_splits(payload, args.dataset, args.data_root)
     policy_changed = args.policy is not None and args.policy != model.policy
     if args.policy is not None:
         model.policy = args.policy
@@ -258,9 +255,12 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.kind == "budget":
         return budget_command(args, out)
     if args.kind == "lam":
+        configs = [_train_config(args, lam=lam, out=str(out / f"lam_{lam:g}")) for lam in args.lams]
+        for config in configs:  # every run's settings before the first trains
+            check_config(config)
         points = []
-        for lam in args.lams:
-            summary = train(_train_config(args, lam=lam, out=str(out / f"lam_{lam:g}")))
+        for lam, config in zip(args.lams, configs):
+            summary = train(config)
             points.append({"lam": lam, **{k: summary["test"][k] for k in ("accuracy", "relative_cost", "exit_counts")}})
         baseline = None
         if args.baseline:
@@ -276,10 +276,14 @@ def sweep_command(args: argparse.Namespace) -> int:
             model.policy = args.policy
             calibrate(model, splits.val)  # the policy's temperatures
         outputs = exit_outputs(model, splits.test)
+        bad = [t for t in args.thresholds if not 0 <= t <= 1]
+        if bad:
+            raise ValueError(f"--thresholds: expected thresholds in [0, 1], got {bad}")
         points = threshold_sweep(outputs, model.costs, args.thresholds)
         final_accuracy = 100.0 * outputs.correct[-1].double().mean().item()
         baseline = {"model": "final exit only", "accuracy": final_accuracy, "relative_cost": 1.0}
         label = "threshold"
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"sweep_{label}.json").write_text(json.dumps({"points": points, "baseline": baseline}, indent=2))
     with open(out / f"sweep_{label}.csv", "w") as file:
         file.write(f"{label},accuracy,relative_cost\n")
@@ -308,10 +312,7 @@ def predict_command(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(payload)
     distributed = setup_distributed(args.device)
     model.to(resolve_device(args.device, distributed.local_rank))
-    config = payload.get("config", {})
-    splits = load_dataset(args.dataset or config.get("dataset", "mnist-sample"),
-                          args.data_root or config.get("data_root", "data"), seed=config.get("seed", 0),
-                          val_fraction=config.get("val_fraction", 0.1), augment=False)
+    splits = _checkpoint_splits(payload, args.dataset, args.data_root)
     dataset = {"test": splits.test, "val": splits.val, "train": splits.train}[args.split]  # train: not augmented
     rows, summary = predict_dataset(model, dataset, batch_size=args.batch_size, request_size=args.request_size,
                                     progress=distributed.is_main and sys.stderr.isatty())
@@ -330,10 +331,21 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_splits(payload: dict):
-    config = payload.get("config", {})
-    return load_dataset(config.get("dataset", "mnist-sample"), config.get("data_root", "data"),
-                        seed=config.get("seed", 0), val_fraction=config.get("val_fraction", 0.1), augment=False)
+def _checkpoint_splits(payload: dict, dataset: str | None = None, data_root: str | None = None):
+    """The splits of the dataset a checkpoint was trained on (its validation split too), or of
+    ``dataset`` / ``data_root`` where given; the checkpoint's settings are checked first."""
+    config = payload.get("config") or {}
+    settings = {"dataset": (dataset or config.get("dataset", "mnist-sample"), str),
+                "data_root": (data_root or config.get("data_root", "data"), str),
+                "seed": (config.get("seed", 0), int), "val_fraction": (config.get("val_fraction", 0.1), float)}
+    for name, (value, kind) in settings.items():
+        valid = isinstance(value, kind) and not isinstance(value, bool) if kind is not float else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1)
+        if not valid or (name == "seed" and value < 0):
+            expected = {"str": "a string", "int": "an integer >= 0", "float": "a number in (0, 1)"}[kind.__name__]
+            raise CheckpointError(f"checkpoint config: expected {name} {expected}, got {value!r}")
+    return load_dataset(settings["dataset"][0], settings["data_root"][0], seed=settings["seed"][0],
+                        val_fraction=settings["val_fraction"][0], augment=False)
 
 
 def budget_command(args: argparse.Namespace, out: Path) -> int:
@@ -360,6 +372,7 @@ def budget_command(args: argparse.Namespace, out: Path) -> int:
         result = evaluate(other, splits.test)
         fixed.append({"checkpoint": path, "model": load_checkpoint(path)["model_name"], "accuracy": result.accuracy,
                       "relative_cost": result.flops_per_sample / reference_flops})
+    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_budget.json").write_text(json.dumps({"checkpoint": args.checkpoint, "rows": rows, "fixed": fixed,
                                                         "curves": curves}, indent=2))
     with open(out / "sweep_budget.csv", "w") as file:

@@ -13,6 +13,8 @@ early stopping and threshold calibration; the test split is only for the final r
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,9 +148,13 @@ def _read_image(path: str):
     """torchvision's image loader, failing with the file's name (a truncated or unreadable image)."""
     from torchvision.datasets.folder import default_loader
 
+    from PIL import Image
+
     try:
-        image = default_loader(path)
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a header asking for ~100 M pixels
+            image = default_loader(path)
+            image.load()
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... by format
         raise DatasetError(f"dataset 'folder': cannot read image {path}: {type(error).__name__}: {error}") from error
     return image
@@ -174,16 +180,18 @@ def _image_folder(directory: Path, transform, classes: list[str] | None = None):
 
 
 def check_images(folder) -> None:
-    """Opens every image of an ImageFolder and verifies its header and structure (PIL's ``verify``: no
-    decoding), so that a broken file fails before training rather than mid-run or at the report."""
-    from PIL import Image
-
+    """Decodes every image of an ImageFolder once, so that a broken file (truncated, not an image, a
+    header promising more pixels than PIL's decompression-bomb limit) fails before training rather
+    than mid-run or at the report; and refuses a file reached twice (a symlink loop or a linked
+    copy), which would weigh it twice or give it two labels."""
+    seen: dict[str, str] = {}
     for path, _ in folder.samples:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:
-            raise DatasetError(f"dataset 'folder': cannot read image {path}: {type(error).__name__}: {error}") from error
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DatasetError(f"dataset 'folder': {real} is reached twice, as {seen[real]} and {path} (a symlink "
+                               "loop or a linked copy); expected each image once")
+        seen[real] = path
+        _read_image(path)
 
 
 def _folder(root: Path, seed: int, val_fraction: float, augment: bool) -> Splits:

@@ -17,6 +17,7 @@ exit) from a CUDA graph per batch-size bucket, so small batches stop paying host
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -48,6 +49,16 @@ class Prediction(NamedTuple):
     logits: Tensor  # [B, K]
     exit: Tensor  # [B] int64, 0..N
     cost: Tensor  # [B] relative cost c_exit
+
+
+# Temperatures the max_prob / entropy scores may divide logits by: fit_temperatures searches
+# 0.05-20; outside this range a score over- or underflows (to NaN in half precision).
+TEMPERATURE_RANGE = (1e-2, 1e2)
+
+
+def _is_real(value) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _threshold_letting_out(scores: Tensor, leave: int) -> float:
@@ -184,7 +195,14 @@ class EENet(nn.Module):
     @threshold.setter
     def threshold(self, value: float | Sequence[float]) -> None:
         early = len(self.exits)
-        values = [float(value)] * early if isinstance(value, (int, float)) else [float(v) for v in value]
+        if isinstance(value, Tensor) and value.dim() == 0:
+            value = value.item()
+        if _is_real(value):
+            values = [float(value)] * early
+        elif isinstance(value, (Sequence, Tensor)) and not isinstance(value, str) and all(_is_real(v) for v in value):
+            values = [float(v) for v in value]
+        else:
+            raise TypeError(f"EENet: expected a threshold (a number) or one per early exit, got {value!r}")
         if len(values) != early:
             raise ValueError(f"EENet: expected one threshold or {early} (one per early exit), got {len(values)}")
         if not all(0.0 <= v <= 1.0 for v in values):
@@ -211,8 +229,11 @@ class EENet(nn.Module):
         """Sets the per-exit softmax temperatures in place (CUDA graphs see the new values; a measured
         compaction plan, which holds the old exit mix, is dropped)."""
         values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
-        if values.numel() != len(self.exits) or not bool(torch.isfinite(values).all() and (values > 0).all()):
-            raise ValueError(f"EENet: expected {len(self.exits)} finite temperatures > 0, got {values.tolist()}")
+        low, high = TEMPERATURE_RANGE
+        stored = values.to(self.exit_temperature.dtype)  # what the scores will divide by
+        if values.numel() != len(self.exits) or not bool(((stored >= low) & (stored <= high)).all()):
+            raise ValueError(f"EENet: expected {len(self.exits)} temperatures in [{low}, {high}] (in the model's "
+                             f"{self.exit_temperature.dtype}), got {values.tolist()}")
         if not torch.equal(values, self.exit_temperature.cpu()):
             self.compaction_plan = None
         self.exit_temperature.copy_(values)
@@ -242,8 +263,12 @@ class EENet(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"EENet: expected a floating-point input, got {x.dtype}")
         dtype = self.costs.dtype  # the model's floating-point dtype (.to(dtype) converts the buffer too)
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"EENet: expected input of dtype {dtype} (the model's; or run under torch.autocast), "
+        allowed = {dtype}
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts these to its dtype
+            allowed |= {torch.get_autocast_dtype(x.device.type), torch.float32}
+        if x.dtype not in allowed:
+            raise TypeError(f"EENet: expected input of dtype {' or '.join(sorted(str(d) for d in allowed))} (the "
+                            f"model's{', or autocast' if len(allowed) > 1 else '; or run under torch.autocast'}), "
                             f"got {x.dtype}")
         device = self.costs.device
         if x.device != device:
@@ -433,7 +458,8 @@ class EENet(nn.Module):
         scores tie, are NaN or saturate at 1.0, no threshold gives the fraction: a warning says how
         many leave. Used to set a controlled exit mix in tests and benchmarks.
         """
-        if len(fractions) != len(self.exits) or sum(fractions) > 1 + 1e-9 or min(fractions, default=0) < 0:
+        if len(fractions) != len(self.exits) or not all(_is_real(f) and 0 <= f <= 1 for f in fractions) \
+                or sum(fractions) > 1 + 1e-9:
             raise ValueError(
                 f"EENet: expected {len(self.exits)} fractions >= 0 summing to at most 1, got {list(fractions)}"
             )

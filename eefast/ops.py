@@ -47,10 +47,13 @@ def choose_impl(impl: str | None, tensor: Tensor) -> str:
     impl = check_default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"expected impl in {IMPLS}, got {impl!r}")
-    if impl == "auto":
+    if impl == "auto" or tensor.device.type == "meta":  # meta tensors (shape inference) have no data to run on
         return "triton" if tensor.is_cuda and HAS_TRITON else "reference"
     if impl == "triton" and not HAS_TRITON:
         raise RuntimeError(f"impl='triton' was asked for, but Triton is unavailable ({TRITON_ERROR})")
+    if impl == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before "
+                         f"eefast is imported; got a tensor on {tensor.device}")
     return impl
 
 __all__ = [
@@ -327,6 +330,9 @@ def exit_head(
         )
     if conf_weight.shape != (1, features):
         raise ValueError(f"exit_head: expected conf_weight of shape [1, {features}], got {list(conf_weight.shape)}")
+    for name, bias, size in (("cls_bias", cls_bias, cls_weight.shape[0]), ("conf_bias", conf_bias, 1)):
+        if bias.shape != (size,):
+            raise ValueError(f"exit_head: expected {name} of shape [{size}], got {list(bias.shape)}")
     if kind == "bnpool" and bn is None:
         raise ValueError("exit_head: kind 'bnpool' needs bn=BatchNormArgs(...), got None")
     if choose_impl(impl, x) == "reference":
@@ -409,8 +415,8 @@ def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: 
     """Raises ValueError / TypeError naming what eenet_loss expected and what it was given."""
     if version not in reference.LOSS_VERSIONS:
         raise ValueError(f"eenet_loss: expected version in {reference.LOSS_VERSIONS}, got {version!r}")
-    if not lam >= 0:
-        raise ValueError(f"eenet_loss: expected lam >= 0, got {lam}")
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam < float("inf")):
+        raise ValueError(f"eenet_loss: expected a finite lam >= 0, got {lam!r}")
     if logits.dim() != 3 or logits.shape[0] < 1:
         raise ValueError(f"eenet_loss: expected logits of shape [E, B, K] (E >= 1 exits), got {list(logits.shape)}")
     num_exits, batch, classes = logits.shape

@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,7 +204,7 @@ def check_config(config: TrainConfig) -> None:
     checks = [
         ("--epochs", config.epochs, whole(config.epochs, 1), "an integer >= 1"),
         ("--batch-size", config.batch_size, whole(config.batch_size, 1), "an integer >= 1"),
-        ("--patience", config.patience, whole(config.patience, 0), "an integer >= 0"),
+        ("--patience", config.patience, whole(config.patience, 1), "an integer >= 1"),
         ("--seed", config.seed, whole(config.seed, 0), "an integer >= 0"),
         ("--lr", config.lr, _finite(config.lr, 0, open_low=True), "a finite number > 0"),
         ("--weight-decay", config.weight_decay, _finite(config.weight_decay, 0), "a finite number >= 0"),
@@ -244,7 +243,11 @@ def check_config(config: TrainConfig) -> None:
              "filters": config.filters, **config.extra}
     check_model_args(config.model, {k: v for k, v in extra.items() if v is not None})
     parse_device(config.device)
-    check_output_dir(Path(config.out))
+    out = Path(config.out)
+    check_output_dir(out)
+    if (out / "last.pt").exists() and not config.resume:
+        raise ValueError(f"--out {out} holds a training run already (last.pt); expected a new directory, or --resume "
+                         "to continue that run")
 
 
 def parse_device(device: str) -> torch.device | None:
@@ -267,15 +270,17 @@ def parse_device(device: str) -> torch.device | None:
 
 
 def check_output_dir(out: Path) -> None:
-    """Raises ValueError unless ``out`` is (or can be made) a directory this process can write files in."""
+    """Raises ValueError unless ``out`` is a directory this process can write files in, or one it can
+    create (its nearest existing parent is a writable directory). Creates nothing."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: expected a directory, found a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise ValueError(f"--out {out}: cannot write there ({type(error).__name__}: {error.strerror or error})") from error
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: cannot write there ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK) or str(existing.resolve()).startswith(("/proc", "/sys")):
+        raise ValueError(f"--out {out}: cannot write there ({existing} is not a writable directory)")
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -576,6 +581,8 @@ class Trainer:
                      f"backbone first, exits alone from epoch {self.exit_phase + 1}")
                   + f", exit policy {model.policy}), device {self.device}"
                   + (f", {self.dist.world_size} processes" if self.dist.world_size > 1 else ""))
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)  # checked before anything was loaded (check_output_dir)
         with Interruption() as interruption:
             for epoch in range(self.start_epoch, config.epochs):
                 if self.stale_epochs >= config.patience:
@@ -730,7 +737,7 @@ class Trainer:
         if dist_info.world_size > 1:
             dist.barrier()  # rank 0 has written its last checkpoint
         best = out / "best.pt"
-        if best.exists():
+        if best.exists() and math.isfinite(self.best_loss):  # this run's (a best.pt of no improved epoch is not)
             payload = load_checkpoint(best, map_location=self.device)
             apply_checkpoint(model, payload)
             if self.fixed_threshold is None and model.exits:

@@ -61,8 +61,8 @@ def test_damaged_tensor_bytes_fail_their_checksum(tmp_path):
     ({"filters": True}, r"expected filters an integer"),
     ({"input_shape": [1, 28.5, 28]}, r"expected input_shape \[C, H, W\] of integers"),
     ({"filters": 1024, "input_shape": [64, 4096, 4096]}, r"with 68,719,476,736 elements in one sample's largest "
-                                                         r"feature map; expected at most 1,073,741,824"),
-    ({"filters": 256, "input_shape": [3, 4096, 4096]}, r"largest feature map; expected at most 1,073,741,824"),
+                                                         r"feature map; expected at most 134,217,728"),
+    ({"filters": 8, "input_shape": [3, 4096, 4096]}, r"largest feature map; expected at most 134,217,728"),
     ({"layers": 10**9}, r"unexpected argument 'layers' for 'eenet8'; expected some of \["),
 ], ids=["filters", "classes", "input-side", "exits", "filters-str", "filters-bool", "input-float", "features",
         "features-many", "unknown-arg"])
@@ -96,16 +96,57 @@ def test_the_parameter_limit_is_checked_on_the_meta_device(tmp_path, monkeypatch
     (lambda p: p.update(exit_temperature={"a": 1}), r"expected field 'exit_temperature' to be a list of numbers"),
     (lambda p: p.update(model_name="eenet7"), r"unknown model 'eenet7'"),
     (lambda p: p.update(policy="top1"), r"exit rule do not fit .*expected an exit policy in"),
-    (lambda p: p.update(exit_temperature=[1.0]), r"expected 2 finite temperatures > 0, got \[1.0\]"),
+    (lambda p: p.update(exit_temperature=[1.0]), r"expected 2 temperatures in \[0.01, 100.0\].*got \[1.0\]"),
     (lambda p: p.update(threshold=[0.3, 7.0]), r"expected thresholds in \[0, 1\]"),
+    (lambda p: p.pop("model_state"), r"expected a field 'model_state' \(a dict of tensors\), found none"),
+    (lambda p: p.update(config=[1, 2]), r"expected field 'config' to be a dict \(the run's settings\), got list"),
+    (lambda p: p["model_state"].pop("classifier.2.weight"), r"do not fit model 'eenet8' \{\}: Error\(s\) in loading"),
 ], ids=["no-name", "no-kwargs", "name-type", "kwargs-type", "state-type", "threshold-type", "policy-type",
-        "temperature-type", "unknown-model", "unknown-policy", "temperature-count", "threshold-range"])
+        "temperature-type", "unknown-model", "unknown-policy", "temperature-count", "threshold-range", "no-state",
+        "config-type", "missing-weight"])
 def test_every_malformed_structure_is_a_checkpoint_error(tmp_path, change, message):
     payload = payload_of()
     change(payload)
     save_checkpoint(tmp_path / "bad.pt", payload)
     with pytest.raises(CheckpointError, match=message):
         model_from_checkpoint(load_checkpoint(tmp_path / "bad.pt"))
+
+
+def test_a_compressed_member_is_refused_before_it_is_inflated(tmp_path):
+    path = tmp_path / "bomb.pt"
+    save_checkpoint(path, payload_of())
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{archive.namelist()[0].split('/')[0]}/zeros", b"\0" * (1 << 20))
+    with pytest.raises(CheckpointError, match=r"expected the uncompressed members torch.save writes, got '.*zeros' "
+                                              "compressed"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep-threshold", "predict"])
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", "abc", r"expected seed an integer >= 0, got 'abc'"),
+    ("val_fraction", "x", r"expected val_fraction a number in \(0, 1\), got 'x'"),
+    ("data_root", 5, r"expected data_root a string, got 5"),
+])
+def test_commands_on_a_checkpoint_with_bad_settings_say_which(capsys, tmp_path, command, field, value, message):
+    payload = payload_of()
+    payload["config"] = {"dataset": "mnist-sample", field: value}
+    save_checkpoint(tmp_path / "c.pt", payload)
+    args = {"eval": ["eval"], "sweep-threshold": ["sweep", "threshold", "--out", str(tmp_path / "o")],
+            "predict": ["predict", "--out", str(tmp_path / "p.csv")]}[command]
+    assert cli.main([*args, "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and __import__("re").search(rf"checkpoint config: {message}", err), err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_weights_that_do_not_fit_are_a_one_line_cli_error(capsys, tmp_path):
+    payload = payload_of()
+    payload["model_kwargs"] = {"filters": 4}
+    save_checkpoint(tmp_path / "c.pt", payload)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "size mismatch for" in err
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -155,6 +196,25 @@ def test_resume_accepts_what_does_not_change_the_weights():
     check_resume_config(old, dataclasses.asdict(legacy), "last.pt")
     with pytest.raises(ValueError, match=r"trained with recipe='thesis', optimizer='adam'"):
         check_resume_config(old, dataclasses.asdict(TrainConfig()), "last.pt")
+
+
+def test_a_new_run_into_a_directory_holding_a_run_is_refused(one_epoch, capsys):
+    out, _ = one_epoch
+    before = (out / "last.pt").read_bytes()
+    assert cli.main([*TRAIN, "--out", str(out)]) == 2
+    assert "holds a training run already (last.pt); expected a new directory, or --resume" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_sweeps_check_every_value_before_running(one_epoch, capsys, tmp_path):
+    out, _ = one_epoch
+    assert cli.main(["sweep", "threshold", "--checkpoint", str(out / "best.pt"), "--thresholds", "0.5", "nan",
+                     "--out", str(tmp_path / "t")]) == 2
+    assert "--thresholds: expected thresholds in [0, 1], got [nan]" in capsys.readouterr().err
+    assert cli.main(["sweep", "lam", "--model", "eenet8", "--filters", "2", "--epochs", "1", "--lams", "1", "-1",
+                     "--quiet", "--no-plots", "--out", str(tmp_path / "l")]) == 2
+    assert "--lam: expected a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "l").exists()  # nothing trained, nothing written
 
 
 def test_resume_of_a_checkpoint_missing_its_training_state(one_epoch, tmp_path):
@@ -244,6 +304,29 @@ def test_folder_broken_image_fails_before_training_naming_the_file(tmp_path, spl
         load_dataset("folder", data_root=tmp_path)
 
 
+def test_folder_symlink_loop_is_refused(tmp_path):
+    image_tree(tmp_path, {"train": ["ant", "bee"], "test": ["ant", "bee"]})
+    os.symlink("..", tmp_path / "train" / "ant" / "loop")
+    with pytest.raises(DatasetError, match=r"is reached twice, as .* \(a symlink loop or a linked copy\)"):
+        load_dataset("folder", data_root=tmp_path)
+
+
+def test_folder_truncated_jpeg_and_decompression_bomb_fail_when_the_dataset_loads(tmp_path):
+    from PIL import Image
+
+    image_tree(tmp_path, {"train": ["ant", "bee"], "test": ["ant", "bee"]})
+    jpeg = tmp_path / "test" / "ant" / "cut.jpg"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])  # PIL's verify() passes it
+    with pytest.raises(DatasetError, match=rf"cannot read image {jpeg}"):
+        load_dataset("folder", data_root=tmp_path)
+    jpeg.unlink()
+    bomb = tmp_path / "train" / "bee" / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(bomb)  # 144 M pixels in a few kB
+    with pytest.raises(DatasetError, match=rf"cannot read image {bomb}: DecompressionBomb"):
+        load_dataset("folder", data_root=tmp_path)
+
+
 # ---- model API ----------------------------------------------------------------------------------
 
 
@@ -273,6 +356,53 @@ def test_thresholds_for_fractions_hits_the_mix_between_adjacent_floats_and_says_
         model.thresholds_for_fractions(x, [0.5, 0.0])
 
 
+@pytest.mark.parametrize("value, error, message", [
+    ("11", TypeError, r"expected a threshold \(a number\) or one per early exit, got '11'"),
+    (None, TypeError, r"expected a threshold \(a number\) or one per early exit, got None"),
+    (float("nan"), ValueError, r"expected thresholds in \[0, 1\], got \[nan, nan\]"),
+    ([0.2], ValueError, r"expected one threshold or 2 \(one per early exit\), got 1"),
+])
+def test_threshold_values(value, error, message):
+    model = eefast.create_model("eenet8")
+    with pytest.raises(error, match=message):
+        model.threshold = value
+    for accepted in (torch.tensor(0.25), __import__("numpy").float32(0.25), [0.25, 0.25]):
+        model.threshold = accepted
+        assert model.threshold == [0.25, 0.25]
+
+
+def test_temperatures_are_checked_in_the_models_dtype():
+    model = eefast.create_model("eenet8", policy="max_prob").half()
+    for values in ([1e-8, 1e-8], [1e5, 1e5], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match=r"expected 2 temperatures in \[0.01, 100.0\] \(in the model's "
+                                             r"torch.float16\)"):
+            model.set_exit_temperature(values)
+
+
+def test_more_model_api_refusals():
+    model = eefast.create_model("eenet8").eval()
+    x = torch.randn(4, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"expected 2 fractions >= 0 summing to at most 1, got \[nan, 0.1\]"):
+        model.thresholds_for_fractions(x, [float("nan"), 0.1])
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="got torch.float64"):
+        model.predict(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.predict(x)  # float32 under autocast: fine
+    block = model.exits[0]
+    with pytest.raises(ValueError, match=r"exit_head: expected cls_bias of shape \[10\], got \[5\]"):
+        eefast.ops.exit_head(torch.randn(2, 2, 28, 28), "pool", block.classifier.weight, torch.zeros(5),
+                             block.confidence.weight, block.confidence.bias)
+    assert eefast.ops.choose_impl("triton", torch.empty(2, device="meta")) == "reference"
+
+
+def test_triton_impl_on_cpu_tensors_without_the_interpreter_says_how():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = "import torch, eefast\ntry:\n    eefast.ops.choose_impl('triton', torch.zeros(1))\nexcept ValueError as e:\n    print(e)"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "impl='triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1" in result.stdout, result.stderr
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 TRAIN = ["train", "--model", "eenet8", "--filters", "2", "--epochs", "1", "--quiet", "--no-plots"]
@@ -289,13 +419,17 @@ TRAIN = ["train", "--model", "eenet8", "--filters", "2", "--epochs", "1", "--qui
     (["--max-drop", "-2"], r"--max-drop: expected accuracy points in \[0, 100\], got -2.0"),
     (["--threshold", "0.5", "2"], r"--threshold: expected thresholds in \[0, 1\], got \[0.5, 2.0\]"),
     (["--val-fraction", "1"], r"--val-fraction: expected a number in \(0, 1\), got 1.0"),
-    (["--patience", "-1"], r"--patience: expected an integer >= 0, got -1"),
+    (["--patience", "0"], r"--patience: expected an integer >= 1, got 0"),
     (["--device", "gpu"], r"--device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--device", "meta"], r"--device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
     (["--device", "cuda:7"], r"--device cuda:7: (no CUDA device is visible here|expected a CUDA device index)"),
     (["--exits", "-1"], r"--exits: expected an integer >= 0, got -1"),
+    (["--model", "resnet8", "--exits", "2"], r"resnet8 is a plain network without early exits; expected no "
+                                             r"\['num_exits'\], got \{'num_exits': 2\}"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent"], r"'cifar10' not found under /nonexistent"),
 ], ids=["epochs-0", "batch-0", "filters-0", "lr-negative", "lr-nan", "budget-nan", "budget-above-1", "max-drop",
-        "threshold", "val-fraction", "patience", "device-name", "device-meta", "device-index", "exits"])
+        "threshold", "val-fraction", "patience-0", "device-name", "device-meta", "device-index", "exits",
+        "plain-with-exits", "missing-dataset"])
 def test_cli_values_are_checked_before_a_run_starts(capsys, tmp_path, args, message):
     out = tmp_path / "run"
     assert cli.main([*TRAIN, "--out", str(out), *args]) == 2
@@ -311,7 +445,7 @@ def test_cli_output_path_is_checked_before_training(capsys, tmp_path):
     assert cli.main([*TRAIN, "--out", str(a_file)]) == 2
     assert f"--out {a_file}: expected a directory, found a file" in capsys.readouterr().err
     assert cli.main([*TRAIN, "--out", str(a_file / "run")]) == 2
-    assert f"--out {a_file / 'run'}: cannot write there (NotADirectoryError" in capsys.readouterr().err
+    assert f"--out {a_file / 'run'}: cannot write there ({a_file} is a file)" in capsys.readouterr().err
     assert a_file.read_text() == "keep me"
 
 

@@ -62,7 +62,7 @@ def test_unknown_policy_names_the_choices():
     with pytest.raises(ValueError, match="expected policy in"):
         reference.exit_scores(torch.zeros(1, 2), torch.zeros(1), "top1")
     model = eefast.create_model("eenet8")
-    with pytest.raises(ValueError, match=r"expected 2 finite temperatures > 0, got \[1.0, 0.0\]"):
+    with pytest.raises(ValueError, match=r"expected 2 temperatures in \[0.01, 100.0\] \(in the model.s torch.float32\), got \[1.0, 0.0\]"):
         model.set_exit_temperature([1.0, 0.0])
 
 

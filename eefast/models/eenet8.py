@@ -13,7 +13,7 @@ from torch import nn
 
 from eefast.eenet import EENet
 from eefast.models.registry import register_model
-from eefast.models.resnet import BasicBlock, classifier, conv_bn
+from eefast.models.resnet import BasicBlock, classifier, conv_bn, without_exits
 
 
 def eenet8_backbone(num_classes: int, in_channels: int, filters: int) -> tuple[list[nn.Module], nn.Module]:
@@ -42,4 +42,4 @@ def eenet8(*, filters: int = 2, num_classes: int = 10, input_shape=(1, 28, 28), 
 
 @register_model(args=("filters",))
 def resnet8(*, filters: int = 2, num_classes: int = 10, input_shape=(1, 28, 28), **kwargs) -> EENet:
-    return _build(filters, num_classes, input_shape, **{**kwargs, "num_exits": 0})
+    return _build(filters, num_classes, input_shape, **without_exits("resnet8", kwargs))

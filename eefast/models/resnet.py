@@ -136,7 +136,16 @@ def _imagenet(depth: int, kwargs: dict) -> EENet:
 
 
 def _plain(backbone, depth: int, kwargs: dict) -> EENet:
-    return build(backbone, depth, **{**kwargs, "num_exits": 0})
+    return build(backbone, depth, **without_exits(f"resnet{depth}", kwargs))
+
+
+def without_exits(name: str, kwargs: dict) -> dict:
+    """A plain network's arguments: early exits asked for are an error, not dropped."""
+    asked = {k: v for k, v in kwargs.items() if k in ("num_exits", "exit_positions", "distribution") and v}
+    if asked:
+        raise ValueError(f"create_model: {name} is a plain network without early exits; expected no {sorted(asked)}, "
+                         f"got {asked} (its EENet is eenet{name.removeprefix('resnet')})")
+    return {**kwargs, "num_exits": 0}
 
 
 @register_model(args=("width",))
