@@ -262,6 +262,9 @@ class EENet(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"EENet: expected a floating-point input, got {x.dtype}")
+        device = self.costs.device
+        if x.device != device:
+            raise ValueError(f"EENet: expected the input on {device} (the model's device), got it on {x.device}")
         dtype = self.costs.dtype  # the model's floating-point dtype (.to(dtype) converts the buffer too)
         allowed = {dtype}
         if torch.is_autocast_enabled(x.device.type):  # autocast casts these to its dtype
@@ -270,9 +273,6 @@ class EENet(nn.Module):
             raise TypeError(f"EENet: expected input of dtype {' or '.join(sorted(str(d) for d in allowed))} (the "
                             f"model's{', or autocast' if len(allowed) > 1 else '; or run under torch.autocast'}), "
                             f"got {x.dtype}")
-        device = self.costs.device
-        if x.device != device:
-            raise ValueError(f"EENet: expected the input on {device} (the model's device), got it on {x.device}")
 
     def forward(self, x: Tensor) -> EENetOutput | Prediction:
         if self.training:
