@@ -22,7 +22,7 @@ with another kernel than several (a last-bit difference, 2.4e-7 at most in the t
 cuDNN picks algorithms by batch size. Exits differ only where a score lies within that of its
 threshold.
 
-Memory: between steps each queue holds fewer than ``batch_size`` rows, plus the newest request's rows
+Memory: between steps each queue holds fewer than ``batch_size`` rows, plus the newest requests' rows
 in the first queue; ``map`` holds the results of at most ``max_buffered`` samples that finished after
 an unfinished earlier one (past it, partial batches run until the oldest request finishes);
 ``submit`` blocks while ``max_pending`` submitted samples are unresolved.
@@ -91,6 +91,23 @@ class _Queue:
         return tuple(torch.cat(p) for p in zip(*parts))
 
 
+def _resolve(future: concurrent.futures.Future | None, result: Prediction) -> None:
+    """Sets a request's result unless its caller cancelled it first."""
+    if future is not None and not future.done():
+        try:
+            future.set_result(result)
+        except concurrent.futures.InvalidStateError:  # cancelled in between
+            pass
+
+
+def _fail(future: concurrent.futures.Future | None, error: BaseException) -> None:
+    if future is not None and not future.done():
+        try:
+            future.set_exception(error)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
 class EENetStream:
     """Early-exit inference over a stream of requests, every segment run on full batches.
 
@@ -128,12 +145,15 @@ class EENetStream:
         self._closing = False
         self._cancel = False
         self._unresolved = 0  # samples submitted whose futures are not done
+        self._mapping = False  # a map() is running
 
     # ---- the engine (one thread at a time) --------------------------------------------------
 
     def _admit(self, x: Tensor, future: concurrent.futures.Future | None = None) -> _Request:
         """Checks ``x`` [b, C, H, W] as ``predict`` does and queues its rows in front of segment 0."""
         model = self.model
+        if not isinstance(x, Tensor):
+            raise TypeError(f"EENetStream: expected a request as a tensor [b, C, H, W], got {type(x).__name__}")
         x = x.to(model.costs.device)
         model.check_input(x)
         rows = x.shape[0]
@@ -142,8 +162,7 @@ class EENetStream:
         ident = self._next_id
         self._next_id += 1
         if rows == 0:
-            if future is not None:
-                future.set_result(self._prediction(request))
+            _resolve(future, self._prediction(request))
             return request
         self.requests[ident] = request
         self.queues[0].push(x, torch.full((rows,), ident, dtype=torch.int64), torch.arange(rows))
@@ -167,11 +186,12 @@ class EENetStream:
         out_exit = torch.full((count,), -1, dtype=torch.int64, device=h.device)
         position = torch.arange(count, device=h.device)
         h, kept = ops.compact_exits(h, logits, score, position, model.threshold[n], n, out_logits, out_exit)
-        leaving = (out_exit == n).cpu()  # the one read to the host per step
+        kept = kept.cpu()  # the survivors' positions: the rows not among them left here
+        leaving = torch.ones(count, dtype=torch.bool)
+        leaving[kept] = False
         if bool(leaving.any()):
             where = leaving.nonzero().squeeze(1)
             self._finish(out_logits[where.to(h.device)], owners[where], rows[where], n)
-        kept = kept.cpu()
         self.queues[n + 1].push(h, owners[kept], rows[kept])
 
     def _finish(self, logits: Tensor, owners: Tensor, rows: Tensor, n: int) -> None:
@@ -189,8 +209,7 @@ class EENetStream:
             request.remaining -= b - a
             if request.done:
                 del self.requests[ident]
-                if request.future is not None and not request.future.cancelled():
-                    request.future.set_result(self._prediction(request))
+                _resolve(request.future, self._prediction(request))
 
     def _prediction(self, request: _Request) -> Prediction:
         return Prediction(request.logits, request.exit, self.model.costs[request.exit])
@@ -216,10 +235,23 @@ class EENetStream:
 
     def map(self, batches: Iterable) -> Iterator[Prediction]:
         """One ``Prediction`` per input batch [b, C, H, W] (or ``(x, y, ...)`` tuple, as a DataLoader
-        yields), in input order, on the calling thread; partial batches run at the end."""
-        if self._worker is not None:
-            raise RuntimeError("EENetStream.map: this stream serves submit() (a worker thread runs it); "
-                               "use another stream")
+        yields), in input order, on the calling thread; partial batches run at the end. A stream
+        serves either ``map`` (one at a time) or ``submit``."""
+        with self._wake:
+            if self._closing or self._worker is not None or self._mapping:
+                raise RuntimeError("EENetStream.map: this stream is closed, serves submit() or runs another map; "
+                                   "expected a stream of its own")
+            self._mapping = True
+        return self._map(batches)
+
+    def _map(self, batches: Iterable) -> Iterator[Prediction]:
+        try:
+            yield from self._map_all(batches)
+        finally:
+            with self._wake:
+                self._mapping = False
+
+    def _map_all(self, batches: Iterable) -> Iterator[Prediction]:
         pending: collections.deque[_Request] = collections.deque()
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -245,13 +277,24 @@ class EENetStream:
     # ---- online: submit ----------------------------------------------------------------------
 
     def submit(self, x: Tensor) -> concurrent.futures.Future:
-        """Queues ``x`` [b, C, H, W]; the future resolves to its ``Prediction`` (or the error its input
-        raised). Thread-safe; starts the worker on first use. Blocks while ``max_pending`` samples
-        are submitted and unresolved (a request larger than that waits until none is)."""
-        rows = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 1
+        """Queues ``x`` [b, C, H, W] (a copy: the caller may reuse its tensor); the future resolves to
+        its ``Prediction`` (or the error its input raised). Thread-safe; starts the worker on first use.
+        Blocks while ``max_pending`` submitted samples are unresolved (asking the worker to run partial
+        batches meanwhile, so a wait always ends); a request larger than that waits until none is."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"EENetStream.submit: expected a tensor [b, C, H, W], got {type(x).__name__}")
+        rows = x.shape[0] if x.dim() > 0 else 1
+        x = x.detach().clone()
         future: concurrent.futures.Future = concurrent.futures.Future()
+        on_worker = threading.current_thread() is self._worker  # from a done-callback: never wait on itself
         with self._wake:
-            while self._unresolved and self._unresolved + rows > self.max_pending and not self._closing:
+            if self._mapping:
+                raise RuntimeError("EENetStream.submit: this stream runs map(); expected a stream of its own")
+            while (self._unresolved and self._unresolved + rows > self.max_pending and not self._closing
+                   and not on_worker):
+                if "flush" not in self._inbox:
+                    self._inbox.append("flush")
+                    self._wake.notify_all()
                 self._wake.wait()
             if self._closing:
                 raise RuntimeError("EENetStream.submit: the stream is closed")
@@ -277,6 +320,22 @@ class EENetStream:
         return max(0.0, oldest + self.max_delay - time.monotonic())
 
     def _serve(self) -> None:
+        try:
+            self._serve_until_closed()
+        except BaseException as error:  # noqa: BLE001 - a bug here must not leave futures hanging
+            with self._wake:
+                self._closing = True
+                items = list(self._inbox)
+                self._inbox.clear()
+            for item in items:
+                if item != "flush":
+                    _fail(item[1], error)
+            for request in self.requests.values():
+                _fail(request.future, error)
+            self._drop_all()
+            raise
+
+    def _serve_until_closed(self) -> None:
         while True:
             with self._wake:
                 while not self._inbox and not self._closing:
@@ -293,15 +352,15 @@ class EENetStream:
                     flush = True
                     continue
                 x, future = item
-                if future.cancelled():
-                    continue
                 if cancel:
                     future.cancel()
+                    continue
+                if not future.set_running_or_notify_cancel():  # the caller cancelled it while it waited
                     continue
                 try:
                     self._admit(x, future)
                 except Exception as error:  # a bad input fails its own request, not the stream
-                    future.set_exception(error)
+                    _fail(future, error)
             try:
                 if cancel:
                     self._cancel_all()
@@ -309,8 +368,7 @@ class EENetStream:
                     self._pump(flush=flush or closing or self._oldest_wait() == 0.0)
             except Exception as error:  # a failing segment fails every request in flight
                 for request in self.requests.values():
-                    if request.future is not None and not request.future.done():
-                        request.future.set_exception(error)
+                    _fail(request.future, error)
                 self._drop_all()
             if closing:
                 return
@@ -320,9 +378,9 @@ class EENetStream:
         self.queues = [_Queue() for _ in self.queues]
 
     def _cancel_all(self) -> None:
-        for request in self.requests.values():
-            if request.future is not None:
-                request.future.cancel()
+        cancelled = concurrent.futures.CancelledError("EENetStream.close(cancel=True): cancelled in flight")
+        for request in self.requests.values():  # running futures cannot be cancel()ed: they end with the error
+            _fail(request.future, cancelled)
         self._drop_all()
 
     def close(self, cancel: bool = False) -> None:
@@ -333,7 +391,8 @@ class EENetStream:
             self._cancel = cancel
             self._wake.notify_all()
         if self._worker is not None:
-            self._worker.join()
+            if threading.current_thread() is not self._worker:  # from a done-callback the worker ends by itself
+                self._worker.join()
         elif cancel:
             self._drop_all()
         else:

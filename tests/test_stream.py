@@ -51,7 +51,6 @@ def test_map_equals_predict_for_any_request_sizes(model, sizes, batch_size, poli
     results = list(stream.map(requests))
     assert [r.exit.shape[0] for r in results] == sizes  # one result per request, in input order
     assert_same(eefast.Prediction(*(torch.cat(parts) for parts in zip(*results))), model.predict(x))
-    assert all(q.rows == 0 for q in stream.queues) and not stream.requests
     model.policy = "confidence"
 
 
@@ -133,13 +132,61 @@ def test_shutdown_mid_load_completes_or_cancels_every_request(model, cancel):
         stream.submit(INPUTS[:1])
     assert all(f.done() for f in futures)  # none left pending
     if cancel:  # 60 rows never filled a batch of 64: every request was still in flight
-        assert all(f.cancelled() for f in futures)
-        with pytest.raises(concurrent.futures.CancelledError):
-            futures[0].result()
+        for f in futures:
+            with pytest.raises(concurrent.futures.CancelledError):
+                f.result()
     else:
         want = model.predict(INPUTS[:60])
         for i, f in enumerate(futures):
             assert_same(f.result(), eefast.Prediction(*(t[3 * i : 3 * i + 3] for t in want)))
+
+
+def test_backpressure_without_max_delay_runs_partial_batches_instead_of_waiting_forever(model):
+    with EENetStream(model, batch_size=64, max_delay=None, max_pending=4) as stream:
+        futures = [stream.submit(INPUTS[i : i + 1]) for i in range(12)]  # the 5th waits for the first 4
+        assert all(f.result(timeout=60).exit.shape == (1,) for f in futures[:8])
+    want = model.predict(INPUTS[:12])
+    for i, f in enumerate(futures):
+        assert_same(f.result(), eefast.Prediction(*(t[i : i + 1] for t in want)))
+
+
+def test_a_request_cancelled_by_its_caller_leaves_the_others_alone(model):
+    with EENetStream(model, batch_size=64, max_delay=None) as stream:
+        first, second, third = (stream.submit(INPUTS[i : i + 2]) for i in (0, 2, 4))
+        second.cancel()  # pending or running: either way the others complete
+    assert first.result().exit.shape == (2,) and third.result().exit.shape == (2,)
+
+
+def test_callbacks_may_submit_and_inputs_are_copied(model):
+    x = INPUTS[:3].clone()
+    with EENetStream(model, batch_size=4, max_delay=0.001, max_pending=1) as stream:
+        chained: list = []
+        submitted = threading.Event()
+
+        def resubmit(_):
+            chained.append(stream.submit(INPUTS[3:5]))  # on the worker, past max_pending: must not wait on itself
+            submitted.set()
+
+        first = stream.submit(x)
+        first.add_done_callback(resubmit)
+        x.fill_(float("nan"))  # the caller reuses its buffer: the stream computed on a copy
+        assert submitted.wait(timeout=60)
+    assert_same(first.result(), eefast.Prediction(*(t[:3] for t in model.predict(INPUTS[:3]))))
+    assert chained and chained[0].result(timeout=60).exit.shape == (2,)
+
+
+def test_map_and_submit_do_not_share_a_stream(model):
+    stream = EENetStream(model, batch_size=8)
+    results = stream.map([INPUTS[:2]])
+    with pytest.raises(RuntimeError, match="this stream runs map"):
+        stream.submit(INPUTS[:1])
+    list(results)
+    stream.submit(INPUTS[:1]).result(timeout=60)
+    with pytest.raises(RuntimeError, match="serves submit"):
+        stream.map([INPUTS[:1]])
+    stream.close()
+    with pytest.raises(TypeError, match="expected a tensor \\[b, C, H, W\\], got list"):
+        EENetStream(model).submit([1, 2])
 
 
 def test_a_bad_request_fails_alone(model):
