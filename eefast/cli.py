@@ -193,7 +193,7 @@ def eval_command(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(payload)
     device = resolve_device(args.device)
     model.to(device)
-    splits = _checkpoint_splits(payload, args.dataset, args.data_root)
+    splits = _checkpoint_splits(payload, args.dataset, args.data_root, where=str(args.checkpoint))
     policy_changed = args.policy is not None and args.policy != model.policy
     if args.policy is not None:
         model.policy = args.policy
@@ -255,8 +255,12 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.kind == "budget":
         return budget_command(args, out)
     if args.kind == "lam":
+        if len({f"{lam:g}" for lam in args.lams}) != len(args.lams):
+            raise ValueError(f"--lams: expected distinct values (each trains into lam_<value>), got {args.lams}")
         configs = [_train_config(args, lam=lam, out=str(out / f"lam_{lam:g}")) for lam in args.lams]
-        for config in configs:  # every run's settings before the first trains
+        baseline_config = _train_config(args, model=args.baseline, exits=None, distribution=None, exit_type=None,
+                                        out=str(out / "baseline")) if args.baseline else None
+        for config in [*configs, *([baseline_config] if baseline_config else [])]:  # every run's, before one trains
             check_config(config)
         points = []
         for lam, config in zip(args.lams, configs):
@@ -264,14 +268,13 @@ def sweep_command(args: argparse.Namespace) -> int:
             points.append({"lam": lam, **{k: summary["test"][k] for k in ("accuracy", "relative_cost", "exit_counts")}})
         baseline = None
         if args.baseline:
-            summary = train(_train_config(args, model=args.baseline, exits=None, distribution=None, exit_type=None,
-                                          out=str(out / "baseline")))
+            summary = train(baseline_config)
             baseline = {"model": args.baseline, **{k: summary["test"][k] for k in ("accuracy", "relative_cost")}}
         label = "lam"
     else:
         payload = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(payload)
-        splits = _checkpoint_splits(payload)
+        splits = _checkpoint_splits(payload, where=str(args.checkpoint))
         if args.policy is not None and args.policy != model.policy:
             model.policy = args.policy
             calibrate(model, splits.val)  # the policy's temperatures
@@ -300,7 +303,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from eefast.predict import check_output_file, predict_dataset, write_csv
+    from eefast.predict import check_output_file
     from eefast.train import setup_distributed
 
     out = Path(args.out)
@@ -311,8 +314,20 @@ def predict_command(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(payload)
     distributed = setup_distributed(args.device)
+    try:
+        return _predict(args, out, payload, model, distributed)
+    finally:
+        if distributed.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _predict(args: argparse.Namespace, out: Path, payload: dict, model, distributed) -> int:
+    from eefast.predict import predict_dataset, write_csv
+
     model.to(resolve_device(args.device, distributed.local_rank))
-    splits = _checkpoint_splits(payload, args.dataset, args.data_root)
+    splits = _checkpoint_splits(payload, args.dataset, args.data_root, where=str(args.checkpoint))
     dataset = {"test": splits.test, "val": splits.val, "train": splits.train}[args.split]  # train: not augmented
     rows, summary = predict_dataset(model, dataset, batch_size=args.batch_size, request_size=args.request_size,
                                     progress=distributed.is_main and sys.stderr.isatty())
@@ -331,7 +346,7 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_splits(payload: dict, dataset: str | None = None, data_root: str | None = None):
+def _checkpoint_splits(payload: dict, dataset: str | None = None, data_root: str | None = None, where: str = "checkpoint"):
     """The splits of the dataset a checkpoint was trained on (its validation split too), or of
     ``dataset`` / ``data_root`` where given; the checkpoint's settings are checked first."""
     config = payload.get("config") or {}
@@ -343,7 +358,7 @@ def _checkpoint_splits(payload: dict, dataset: str | None = None, data_root: str
             isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1)
         if not valid or (name == "seed" and value < 0):
             expected = {"str": "a string", "int": "an integer >= 0", "float": "a number in (0, 1)"}[kind.__name__]
-            raise CheckpointError(f"checkpoint config: expected {name} {expected}, got {value!r}")
+            raise CheckpointError(f"{where} config: expected {name} {expected}, got {value!r}")
     return load_dataset(settings["dataset"][0], settings["data_root"][0], seed=settings["seed"][0],
                         val_fraction=settings["val_fraction"][0], augment=False)
 
@@ -357,7 +372,7 @@ def budget_command(args: argparse.Namespace, out: Path) -> int:
     model = model_from_checkpoint(payload)
     if not model.exits:
         raise ValueError(f"sweep budget: expected an EENet with early exits, {args.checkpoint} has none")
-    splits = _checkpoint_splits(payload)
+    splits = _checkpoint_splits(payload, where=str(args.checkpoint))
     val, test = collect_exits(model, splits.val), collect_exits(model, splits.test)
     rows = budget_table(val, test, model.costs, args.budgets)
     low = model.costs[0].item() + 0.01

@@ -211,6 +211,8 @@ def _folder(root: Path, seed: int, val_fraction: float, augment: bool) -> Splits
         test = _image_folder(root / "test", T.Compose(base), train_plain.classes)
     except FileNotFoundError as error:  # a split without any image
         raise DatasetMissing(f"dataset 'folder': {error}") from error
+    if len(test) == 0:
+        raise DatasetMissing(f"dataset 'folder': {root / 'test'} holds no image; expected {root}/test/<class>/<image>")
     check_images(train_plain)
     check_images(test)
     fit_idx, val_idx = stratified_split(np.asarray(train_plain.targets), val_fraction, seed)

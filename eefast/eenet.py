@@ -68,7 +68,7 @@ def _threshold_letting_out(scores: Tensor, leave: int) -> float:
     h = scores.nan_to_num(nan=-1.0).sort(descending=True).values  # NaN never leaves
     leave = min(leave, h.numel())
     zero, one = h.new_zeros(()), h.new_ones(())
-    low = h[leave] if leave < h.numel() else zero  # the first one out (or the lowest threshold)
+    low = h[leave].clamp(min=0) if leave < h.numel() else zero  # the first one out (NaN: -1; or the lowest threshold)
     high = h[leave - 1] if leave > 0 else one  # the last one in (or the highest threshold)
     if leave == 0 and bool(low >= one):
         return 1.0  # a saturated score: nothing keeps it in
@@ -195,8 +195,10 @@ class EENet(nn.Module):
     @threshold.setter
     def threshold(self, value: float | Sequence[float]) -> None:
         early = len(self.exits)
-        if isinstance(value, Tensor) and value.dim() == 0:
-            value = value.item()
+        if hasattr(value, "tolist"):  # tensors and numpy arrays, 0-d or 1-d
+            value = value.tolist()
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            value = [v.item() if hasattr(v, "item") else v for v in value]  # [tensor(0.5), ...]
         if _is_real(value):
             values = [float(value)] * early
         elif isinstance(value, (Sequence, Tensor)) and not isinstance(value, str) and all(_is_real(v) for v in value):

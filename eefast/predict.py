@@ -66,7 +66,7 @@ def summarize(rows: list[dict], num_exits: int, seconds: float) -> dict:
     for row in rows:
         counts[row["exit"]] += 1
     samples = len(rows)
-    labelled = [r for r in rows if r["label"] is not None and r["label"] >= 0]
+    labelled = [r for r in rows if r["label"] >= 0]
     return {
         "samples": samples,
         "seconds": seconds,
@@ -78,6 +78,7 @@ def summarize(rows: list[dict], num_exits: int, seconds: float) -> dict:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()

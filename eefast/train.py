@@ -80,7 +80,8 @@ class TrainConfig:
 
 
 # What --resume may change: where and how the run reports, and when it stops early. Everything
-# else decides the weights of the epochs still to run, and must be what the checkpoint was trained with.
+# else decides the weights of the epochs still to run, or the exit rule calibrated after each
+# epoch (policy, thresholds, budget), and must be what the checkpoint was trained with.
 RESUME_MAY_CHANGE = frozenset({"resume", "quiet", "plots", "device", "out", "data_root", "download", "patience",
                                "min_delta"})
 
@@ -98,7 +99,10 @@ def recorded_config(stored: dict) -> dict:
 def check_resume_config(stored: dict, given: dict, where: str) -> None:
     """Raises ValueError naming every setting of ``given`` that differs from the checkpoint's run.
     ``epochs`` may change only where the learning rate does not depend on it (constant, joint)."""
-    stored = recorded_config(stored)
+    stored, given = recorded_config(stored), dict(given)
+    for config in (stored, given):  # a recipe's setting given explicitly is the same setting
+        if config.get("recipe") in RECIPES:
+            config.update({k: v for k, v in RECIPES[config["recipe"]].items() if config.get(k) is None})
     may_change = set(RESUME_MAY_CHANGE)
     if stored.get("lr_schedule") == "constant" and stored.get("schedule") in (None, "joint") \
             and given.get("schedule") in (None, "joint"):
@@ -128,13 +132,20 @@ def check_resume_state(checkpoint: dict, optimizer: torch.optim.Optimizer, where
         fail("epoch", f"in [-1, {config.epochs}) (the last finished one, under --epochs {config.epochs})", epoch)
     if len(history) != epoch + 1 or not all(isinstance(row, dict) and isinstance(row.get("exit_counts"), list)
                                             for row in history):
-        fail("history", f"{epoch + 1} epoch records (dicts with exit_counts)", history[:3])
+        fail("history", f"{epoch + 1} epoch records (dicts with exit_counts)",
+             f"{len(history)} records of types {sorted({type(row).__name__ for row in history})}")
     if math.isnan(checkpoint["best_loss"]):
         fail("best_loss", "a number (inf before the first epoch)", checkpoint["best_loss"])
     if not is_rng(checkpoint["rng_state"]):
         fail("rng_state", f"a uint8 tensor of shape {list(rng_shape)} (torch.get_rng_state())",
              getattr(checkpoint["rng_state"], "shape", checkpoint["rng_state"]))
+    trained_on = checkpoint.get("world_size")  # not recorded before eefast 0.2 at epoch boundaries
     position = checkpoint.get("position")
+    if position is not None:
+        trained_on = len(position["ranks"]) if isinstance(position.get("ranks"), list) else 1
+    if trained_on is not None and trained_on != world_size:
+        raise ValueError(f"--resume: {where} was trained with {trained_on} process(es); expected the same number to "
+                         f"resume it exactly (the data order and the batch depend on it), got {world_size}")
     if position is not None:
         if position.get("epoch") != epoch + 1:
             fail("position.epoch", f"{epoch + 1} (the epoch after the last finished one)", position.get("epoch"))
@@ -236,6 +247,9 @@ def check_config(config: TrainConfig) -> None:
     for option, value, valid, expected in checks:
         if not valid:
             raise ValueError(f"{option}: expected {expected}, got {value!r}")
+    if config.threshold is not None and (config.budget is not None or config.max_drop is not None):
+        raise ValueError(f"expected fixed thresholds or a calibration, got --threshold {config.threshold} "
+                         f"with --budget {config.budget} / --max-drop {config.max_drop}")
     if config.exit_epochs is not None and not (whole(config.exit_epochs, 1) and config.exit_epochs < config.epochs):
         raise ValueError(f"--exit-epochs: expected 0 < --exit-epochs < --epochs ({config.epochs}), "
                          f"got {config.exit_epochs!r}")
@@ -279,7 +293,7 @@ def check_output_dir(out: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"--out {out}: cannot write there ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK) or str(existing.resolve()).startswith(("/proc", "/sys")):
+    if not os.access(existing, os.W_OK | os.X_OK) or existing.resolve().parts[1:2] in (("proc",), ("sys",)):
         raise ValueError(f"--out {out}: cannot write there ({existing} is not a writable directory)")
 
 
@@ -493,9 +507,6 @@ class Trainer:
         self.model.policy = recipe_value(config, "policy")
         self.fixed_threshold = recipe_value(config, "threshold")  # None: calibrated after each epoch
         if config.budget is not None or config.max_drop is not None:
-            if config.threshold is not None:
-                raise ValueError(f"expected fixed thresholds or a calibration, got --threshold {config.threshold} "
-                                 f"with --budget {config.budget} / --max-drop {config.max_drop}")
             self.fixed_threshold = None
         if self.fixed_threshold is not None:
             self.model.threshold = self.fixed_threshold
@@ -541,19 +552,14 @@ class Trainer:
         self.history = list(checkpoint["history"])
         self.best_loss, self.stale_epochs = checkpoint["best_loss"], checkpoint["stale_epochs"]
         if position is None:
-            torch.set_rng_state(checkpoint["rng_state"])
+            torch.set_rng_state(checkpoint["rng_state"].cpu())  # map_location may have moved it
         else:  # stopped mid-epoch: each rank goes on with its own loss sums and RNG state
             ranks = position.get("ranks") or [  # checkpoints of eefast <= 0.1 hold one process's state
                 {"sums": position["sums"], "samples": position["samples"], "rng_state": checkpoint["rng_state"]}]
-            if len(ranks) != self.dist.world_size:
-                raise ValueError(
-                    f"--resume: {self.out / 'last.pt'} stopped mid-epoch with {len(ranks)} process(es); expected "
-                    f"the same number to resume it exactly, got {self.dist.world_size}"
-                )
             mine = ranks[self.dist.rank]
             self.position = {"epoch": position["epoch"], "step": position["step"], "sums": mine["sums"],
                              "samples": mine["samples"]}
-            self.resume_rng = mine["rng_state"]
+            self.resume_rng = mine["rng_state"].cpu()
         if self.show:
             p = self.position
             where = f"epoch {p['epoch'] + 1}, step {p['step']}" if p else f"epoch {self.start_epoch}"
@@ -684,7 +690,7 @@ class Trainer:
 
     def _resumable(self, epoch: int) -> dict:
         return {**self._state(epoch), "optimizer_state": self.optimizer.state_dict(),
-                "rng_state": torch.get_rng_state()}
+                "rng_state": torch.get_rng_state(), "world_size": self.dist.world_size}
 
     def _end_epoch(self, epoch: int, means: torch.Tensor) -> None:
         """Validation, early-stopping state, history and checkpoints of a finished epoch."""

@@ -166,4 +166,4 @@ def test_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(tmp
     result = subprocess.run([sys.executable, "-m", "eefast", *ARGS, "--out", str(tmp_path), "--resume"], cwd=ROOT,
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
-    assert "stopped mid-epoch with 2 process(es); expected the same number to resume it exactly, got 1" in result.stderr
+    assert "was trained with 2 process(es); expected the same number to resume it exactly (the data order and the batch depend on it), got 1" in result.stderr

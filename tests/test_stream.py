@@ -224,6 +224,7 @@ def test_predict_command_writes_a_row_per_sample_matching_eval(tmp_path, capsys)
     save_checkpoint(tmp_path / "model.pt", {"model_name": "eenet8", "model_kwargs": {"filters": 2},
                                             "model_state": model.state_dict(), "policy": "max_prob", "threshold": 0.3})
     out = tmp_path / "predictions.csv"
+    out = tmp_path / "new" / "predictions.csv"  # a folder predict makes
     assert cli.main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out), "--split", "val",
                      "--batch-size", "32", "--request-size", "5", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
