@@ -11,6 +11,7 @@ code. So each test run compiles into a cache of its own, unless TORCHINDUCTOR_CA
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,17 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="eefast-inductor-"))
 
 IN_CI = bool(os.environ.get("CI"))
+
+# The measured long cases (tests/slow_tests.txt says the rule): marked slow, so that the README's
+# pytest takes minutes; `pytest -m slow` (and .ci/run) runs them.
+SLOW = {line.strip() for line in (Path(__file__).parent / "slow_tests.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 def require(condition: bool, reason: str) -> None:
