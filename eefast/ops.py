@@ -415,8 +415,8 @@ def check_loss_args(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: 
     """Raises ValueError / TypeError naming what eenet_loss expected and what it was given."""
     if version not in reference.LOSS_VERSIONS:
         raise ValueError(f"eenet_loss: expected version in {reference.LOSS_VERSIONS}, got {version!r}")
-    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam < float("inf")):
-        raise ValueError(f"eenet_loss: expected a finite lam >= 0, got {lam!r}")
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam >= 0):  # inf: the cost term alone
+        raise ValueError(f"eenet_loss: expected a number lam >= 0 (inf allowed), got {lam!r}")
     if logits.dim() != 3 or logits.shape[0] < 1:
         raise ValueError(f"eenet_loss: expected logits of shape [E, B, K] (E >= 1 exits), got {list(logits.shape)}")
     num_exits, batch, classes = logits.shape
