@@ -109,8 +109,8 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["eefast", "eefast.models", "eefast.kernels"],
-    package_dir={"eefast": "eefast", "eefast.kernels": "kernels"},
+    packages=["eefast", "eefast.models", "eefast.kernels", "eefast.kernels.exit_head"],
+    package_dir={"eefast": "eefast", "eefast.kernels": "kernels", "eefast.kernels.exit_head": "kernels/exit_head"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

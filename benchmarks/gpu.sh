@@ -8,9 +8,9 @@
 #
 #     benchmarks/gpu.sh OUT_DIR
 #
-# writes OUT_DIR/{build.log, cuda-tests.log, kernel-tests.log, exit-head-profile.txt, kernels.json,
+# writes OUT_DIR/{build.log, cuda-tests.log, kernel-tests.log, exit-head-profile.txt, exit-head-variants.txt, kernels.json,
 # inference.json} and prints the inference table (python -m eefast.bench). Without a GPU every step
-# skips. STEPS picks steps (default: "kernel-tests profile kernels cuda-tests inference", which run
+# skips. STEPS picks steps (default: "kernel-tests profile variants kernels cuda-tests inference", which run
 # in that order whatever the order in STEPS; the build always runs); KERNEL_CASES narrows the kernel
 # benchmarks (a pytest -k expression, e.g. "exit_block" for the exit head's training steps and
 # inference), KERNELS_S and KERNEL_TESTS_S set their time limits; EEFAST_BENCH_CUDNN_BENCHMARK=1
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 start=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
-want() { [[ " ${STEPS:-kernel-tests profile kernels cuda-tests inference} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-kernel-tests profile variants kernels cuda-tests inference} " == *" $1 "* ]]; }
 
 arch=$($python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability() if torch.cuda.is_available() else '')")
 $python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -42,6 +42,12 @@ if want profile && [ -n "$arch" ]; then
     timeout 180 $python -m benchmarks.profile_exit_head > "$out/exit-head-profile.txt" 2>&1
     cat "$out/exit-head-profile.txt"
     step "exit head profile"
+fi
+
+if want variants && [ -n "$arch" ]; then  # what each device-side variant of the exit head pays (issue 18)
+    timeout 240 $python -m benchmarks.exit_head_variants > "$out/exit-head-variants.txt" 2>&1
+    cat "$out/exit-head-variants.txt"
+    step "exit head variants"
 fi
 
 if want kernels; then  # (pytest-benchmark writes its JSON at the end: a run cut short by the timeout leaves none)

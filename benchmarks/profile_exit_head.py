@@ -164,8 +164,7 @@ def main() -> None:
             layers = {
                 "ExitBlock, fused (inference path)": lambda: fused(x),
                 "ops.exit_head, fused": lambda: ops.exit_head(x, kind, *heads, bn, impl="triton"),
-                "launcher exit_head_inference_launch": lambda: kernel.exit_head_inference_launch(
-                    x, *heads, bn_stats, relu),
+                "launcher exit_head.inference": lambda: kernel.inference(x, heads, bn_stats, relu),
                 "custom op exit_head_fused": lambda: kernel.exit_head_fused(x, *heads, *bn_op_args, False, relu),
                 "ExitBlock, eager PyTorch": lambda: eager(x),
             }
@@ -179,26 +178,19 @@ def main() -> None:
             x_grad = x.clone().requires_grad_()
             fused.train(), eager.train()
             steps = {
-                "ExitBlock, fused (eager autograd.Function)": exit_block_training_step(fused, x_grad),
+                "ExitBlock, fused (ExitHeadFunction)": exit_block_training_step(fused, x_grad),
                 "custom op exit_head_fused (as compiled)": custom_op_step(fused, x_grad),
                 "ExitBlock, eager PyTorch": exit_block_training_step(eager, x_grad),
                 "autograd alone (a head launching nothing)": autograd_floor_step(fused, x_grad),
             }
             for name, step in steps.items():
                 report(name, step)
-            for name in ("ExitBlock, fused (eager autograd.Function)", "ExitBlock, eager PyTorch",
+            for name in ("ExitBlock, fused (ExitHeadFunction)", "ExitBlock, eager PyTorch",
                          "autograd alone (a head launching nothing)"):
                 report(f"{name.split(' (')[0]}, one thread", on_calling_thread(steps[name]))
             print("device time of each kernel of the training step")
             report_kernels("fused", exit_block_training_step(fused, x_grad))
             report_kernels("eager PyTorch", exit_block_training_step(eager, x_grad))
-    from eefast.kernels.launch import FastLauncher
-
-    launchers = [value for value in vars(kernel).values() if isinstance(value, FastLauncher)]
-    launches = sum(launcher.launches for launcher in launchers)
-    print(f"\ntriton {triton.__version__}: {launches} launches of the {len(launchers)} exit-head kernels went "
-          f"straight to the compiled binary (kernels/launch.py)")
-
 
 if __name__ == "__main__":
     main()

@@ -80,7 +80,7 @@ def test_exit_head(benchmark, record, dtype, kind, impl, passes):
 def test_exit_head_large_heads(benchmark, record, impl, passes):
     """A pool exit with 1000 classes at ResNet-18's last stage on 32x32 inputs (C=512, 4x4): heads
     over HEADS_IN_KERNEL_MAX weights, which the fused path leaves to torch's linear layers on the
-    kernel's pooled features (exit_pool_fused)."""
+    kernel's pooled features (the op without heads)."""
     benchmark.group = f"exit_head pool float32 C=512 4x4 K=1000 {passes}"
     exit_head_step(benchmark, record, torch.float32, "pool", impl, passes, batch=256, channels=512, size=4,
                    classes=1000)
@@ -167,7 +167,7 @@ LARGE_HEAD_EXITS = {"b256-c512-4x4": (256, 512, 4), "b64-c256-56x56": (64, 256, 
 @pytest.mark.parametrize("shape", LARGE_HEAD_EXITS.values(), ids=LARGE_HEAD_EXITS.keys())
 def test_exit_block_training_step_large_heads(benchmark, record, shape, kind, impl, mode):
     """test_exit_block_training_step for 1000 classes (fp32): heads the kernels leave to torch's
-    linear layers (exit_pool_fused), at LARGE_HEAD_EXITS."""
+    linear layers (the op without heads), at LARGE_HEAD_EXITS."""
     batch, channels, size = shape
     benchmark.group = (f"exit block training step {kind} float32 B={batch} C={channels} {size}x{size} K=1000 "
                        f"{TRAINING_STEP_MODES[mode]}")

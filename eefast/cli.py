@@ -38,14 +38,8 @@ def triton_status() -> dict:
     else:
         mode = "no GPU here (TRITON_INTERPRET=1 runs the kernels on the CPU)"
     kernels = "exit_head, ee_loss" if ops.HAS_TRITON else f"unavailable ({ops.TRITON_ERROR})"
-    launch = "kernel[grid] on every call"
-    if ops.HAS_TRITON:
-        from eefast.kernels.launch import fast_launch_available
-
-        if fast_launch_available():
-            launch = "compiled binaries called directly after the first call (EEFAST_TRITON_FAST_LAUNCH=0 turns this off)"
     return {"installed": True, "version": triton.__version__, "mode": mode, "kernels": kernels,
-            "default_impl": ops.DEFAULT_IMPL, "launch": launch}
+            "default_impl": ops.DEFAULT_IMPL}
 
 
 def device_status() -> dict:
@@ -103,8 +97,8 @@ def info(args: argparse.Namespace) -> int:
         f"extension   {extension}",
         *(f"  {op:<20} kernels: {', '.join(devs) or 'none (fallback)'}" for op, devs in kernels.items()),
         f"triton      {triton.get('version', '-')}: {triton['mode']}",
-        *([f"  fused kernels        {triton['kernels']} (impl {triton['default_impl']}: Triton on CUDA tensors)",
-           f"  launches             {triton['launch']}"] if triton["installed"] else []),
+        *([f"  fused kernels        {triton['kernels']} (impl {triton['default_impl']}: Triton on CUDA tensors)"]
+          if triton["installed"] else []),
         f"device      {device['type']}: {', '.join(device['names'])}",
         f"self-check  compact_exits on {device['type']}: {report['self_check']}",
     ]

@@ -357,17 +357,16 @@ def exit_head(
 def _fused_head(x: Tensor, heads: tuple[Tensor, ...] | None, bn: reference.BatchNormArgs | None,
                 normalizes: bool) -> tuple[Tensor, ...]:
     """(logits, conf) from the fused head with ``heads`` applied in its kernels, or (pooled,) for
-    heads None; by one launch for inference, the custom op under torch.compile, the eager
+    heads None: one launch for inference, the custom op under torch.compile, the eager
     autograd.Function otherwise."""
-    head_args = () if heads is None else heads
+    head_args = (None,) * 4 if heads is None else heads
     batch_stats = bn is not None and (bn.training or bn.running_mean is None)
-    if _inference(x, head_args, bn, batch_stats):
+    if _inference(x, heads or (), bn, batch_stats):
         # one launch on the parameters as stored: without autograd or torch.compile watching, the
-        # custom op around it would cost more host time than the kernel runs
+        # op around it would cost more host time than the kernel runs (36.6 against 56.4 us a call on
+        # the H200: benchmarks/results/h200-exit-head-profile.txt)
         bn_stats = None if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        if heads is None:
-            return _triton_head.exit_pool_inference_launch(x, bn_stats, normalizes)
-        return _triton_head.exit_head_inference_launch(x, *heads, bn_stats, normalizes)
+        return _triton_head.inference(x, heads, bn_stats, normalizes)
     values_per_channel = x.numel() // max(x.shape[1], 1)
     if batch_stats and values_per_channel == 1:  # as F.batch_norm
         raise ValueError(f"exit_head: batch statistics need more than 1 value per channel, got input of shape "
@@ -378,20 +377,18 @@ def _fused_head(x: Tensor, heads: tuple[Tensor, ...] | None, bn: reference.Batch
     update = batch_stats and bn.training and bn.running_mean is not None and values_per_channel > 0
     # (an empty batch leaves the running statistics, as nn.BatchNorm2d does)
     if torch.compiler.is_compiling():  # torch.compile traces the custom op, which cannot update them itself
-        op = _triton_head.exit_pool_fused if heads is None else _triton_head.exit_head_fused
-        *outputs, _, stats = op(x, *head_args, *bn_args, batch_stats, normalizes)
+        out, conf, _, stats = _triton_head.exit_head_fused(x, *head_args, *bn_args, batch_stats, normalizes)
         if update:
             _update_running_stats(bn, stats)
-        return tuple(outputs)
-    # eager autograd skips the custom op's dispatch layers, and the statistics kernels update the
-    # running statistics where they can
-    fused_update = update and _triton_head.fused_running_update(bn.running_mean, bn.running_var)
-    running_update = (bn.running_mean, bn.running_var, bn.momentum) if fused_update else None
-    function = _triton_head.ExitPoolEager if heads is None else _triton_head.ExitHeadEager
-    *outputs, _, stats = function.apply(x, *head_args, *bn_args, batch_stats, normalizes, running_update)
-    if update and not fused_update:
-        _update_running_stats(bn, stats)
-    return tuple(outputs)
+    else:
+        # the statistics kernels update the running statistics where they can
+        fused_update = update and _triton_head.fused_running_update(bn.running_mean, bn.running_var)
+        running_update = (bn.running_mean, bn.running_var, bn.momentum) if fused_update else None
+        out, conf, _, stats = _triton_head.ExitHeadFunction.apply(x, *head_args, *bn_args, batch_stats, normalizes,
+                                                                  running_update)
+        if update and not fused_update:
+            _update_running_stats(bn, stats)
+    return (out,) if heads is None else (out, conf)
 
 
 def _inference(x: Tensor, heads: tuple[Tensor, ...], bn: reference.BatchNormArgs | None, batch_stats: bool) -> bool:

@@ -22,15 +22,12 @@ Imports torch and triton only.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dtypes import compute_dtype, float32_pair, tl_dtype, written_dtype
-from .launch import FastLauncher
+from .dtypes import compute_dtype, float32_pair, next_power_of_2, tl_dtype, written_dtype
 
 # ---- jit helpers -------------------------------------------------------------------------------
 
@@ -144,13 +141,7 @@ def _part_grad(grad_ptr, n: tl.constexpr, stride_e, stride_b, rows, row_mask,
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-_INTS = ["B", "K", "stride_e", "stride_b"]
-_BACKWARD_INTS = _INTS + ["gce_stride_e", "gce_stride_b", "gcost_stride_e", "gcost_stride_b"]
-
-
-# No value-based specialisation: the binaries are launched again by key (kernels/launch.py).
-@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=[
-    "logits_ptr", "conf_ptr", "target_ptr", "costs_ptr", "ce_ptr", "cost_ptr", "lse_ptr", "loss_ptr"])
+@triton.jit
 def _ee_loss_forward_kernel(
     logits_ptr,  # [E, B, K] class logits, contiguous along K
     conf_ptr,  # [E-1, B] confidence logits, contiguous
@@ -188,9 +179,7 @@ def _ee_loss_forward_kernel(
         tl.store(cost_ptr + exits * B + rows[None, :], mix_cost, mask=out_mask)
 
 
-@triton.jit(do_not_specialize=_BACKWARD_INTS, do_not_specialize_on_alignment=[
-    "grad_ce_ptr", "grad_cost_ptr", "logits_ptr", "conf_ptr", "target_ptr", "costs_ptr", "lse_ptr",
-    "grad_logits_ptr", "grad_conf_ptr"])
+@triton.jit
 def _ee_loss_backward_kernel(
     grad_ce_ptr,  # [E, B] dL/d ce, strides (gce_stride_e, gce_stride_b); REDUCE: dL/d loss [B] (stride_e 0)
     grad_cost_ptr,  # [E, B] dL/d cost, strides (gcost_stride_e, gcost_stride_b); REDUCE: dL/d loss [B]
@@ -255,15 +244,10 @@ def _ee_loss_backward_kernel(
 MAX_EXITS = 64
 
 
-@functools.lru_cache(maxsize=256)  # a host-time saving: computed once per shape
 def _blocks(num_exits: int, classes: int) -> tuple[int, int, int]:
-    block_k = min(triton.next_power_of_2(classes), 1024)
+    block_k = min(next_power_of_2(classes), 1024)
     block_b = max(1, min(16, 2048 // block_k))
-    return triton.next_power_of_2(num_exits), block_b, block_k
-
-
-_launch_forward = FastLauncher(_ee_loss_forward_kernel)
-_launch_backward = FastLauncher(_ee_loss_backward_kernel)
+    return next_power_of_2(num_exits), block_b, block_k
 
 
 def _check(logits: Tensor, conf_logits: Tensor, target: Tensor, costs: Tensor) -> None:
@@ -294,15 +278,11 @@ def ee_loss_forward_launch(logits: Tensor, conf_logits: Tensor, target: Tensor, 
         ce_mode, cost_mode, cost_weight = _version_modes(version, lam)
         block_e, block_b, block_k = _blocks(num_exits, classes)
         ce, cost, loss = (lse, lse, parts[0]) if reduce else (*parts, lse)  # unused pointers: any tensor
-        _launch_forward(
-            (logits.dtype, conf_logits.dtype, target.dtype, costs.dtype, dtype, num_exits, block_e, block_b, block_k,
-             reduce, ce_mode, cost_mode),
-            (-(-batch // block_b),),  # cdiv (triton.cdiv takes 1.5 us of host time)
-            (logits, conf_logits, target, costs, ce, cost, lse, loss, batch, classes, logits.stride(0),
-             logits.stride(1), *float32_pair(cost_weight, "ee_loss", "lam")),
-            dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=tl_dtype(dtype),
-                 REDUCE=reduce, CE_MODE=ce_mode, COST_MODE=cost_mode),
-        )
+        _ee_loss_forward_kernel[(-(-batch // block_b),)](
+            logits, conf_logits, target, costs, ce, cost, lse, loss, batch, classes, logits.stride(0),
+            logits.stride(1), *float32_pair(cost_weight, "ee_loss", "lam"), E=num_exits, BLOCK_E=block_e,
+            BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=tl_dtype(dtype), REDUCE=reduce, CE_MODE=ce_mode,
+            COST_MODE=cost_mode)
     return (*parts, lse)
 
 
@@ -323,16 +303,11 @@ def ee_loss_backward_launch(grad_ce, grad_cost, logits, conf_logits, target, cos
     grad_conf = torch.empty(conf_logits.shape, dtype=written_dtype(conf_logits.dtype), device=conf_logits.device)
     if batch > 0:
         block_e, block_b, block_k = _blocks(num_exits, classes)
-        _launch_backward(
-            (grad_ce.dtype, grad_cost.dtype, logits.dtype, conf_logits.dtype, target.dtype, costs.dtype, lse.dtype,
-             grad_logits.dtype, grad_conf.dtype, num_exits, block_e, block_b, block_k, ce_mode, cost_mode),
-            (-(-batch // block_b),),  # cdiv (triton.cdiv takes 1.5 us of host time)
-            (grad_ce, grad_cost, logits, conf_logits, target, costs, lse, grad_logits, grad_conf,
-             batch, classes, logits.stride(0), logits.stride(1), *ce_strides, *cost_strides,
-             *float32_pair(cost_weight, "ee_loss", "lam")),
-            dict(E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_K=block_k, COMPUTE=tl_dtype(lse.dtype),
-                 CE_MODE=ce_mode, COST_MODE=cost_mode),
-        )
+        _ee_loss_backward_kernel[(-(-batch // block_b),)](
+            grad_ce, grad_cost, logits, conf_logits, target, costs, lse, grad_logits, grad_conf, batch, classes,
+            logits.stride(0), logits.stride(1), *ce_strides, *cost_strides,
+            *float32_pair(cost_weight, "ee_loss", "lam"), E=num_exits, BLOCK_E=block_e, BLOCK_B=block_b,
+            BLOCK_K=block_k, COMPUTE=tl_dtype(lse.dtype), CE_MODE=ce_mode, COST_MODE=cost_mode)
     return grad_logits.to(logits.dtype), grad_conf.to(conf_logits.dtype)
 
 

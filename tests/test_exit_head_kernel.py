@@ -64,6 +64,39 @@ def clone_bn(bn):
     return None if bn is None else bn._replace(running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone())
 
 
+class _Recorded:
+    """A kernel whose launches append (name, grid, constexprs) to a list, then run."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            self.launches.append((self.name, tuple(grid), constexprs))
+            return self.kernel[grid](*args, **constexprs)
+        return launch
+
+
+def record_launches(monkeypatch) -> list[tuple[str, tuple, dict]]:
+    """Every exit-head kernel launch from here on, as (name, grid, constexprs); names without the
+    leading underscore and the _kernel suffix ("exit_head_forward", "batch_stats_merge", ...)."""
+    from eefast.kernels.exit_head import backward, forward, statistics
+
+    launches = []
+    for module in (forward, backward, statistics):
+        for name, value in list(vars(module).items()):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _Recorded(value, name[1:-len("_kernel")], launches))
+    return launches
+
+
+def lower_heads_in_kernel_max(monkeypatch):
+    """Heads of any size go to torch's linear layers (the op without heads)."""
+    from eefast.kernels.exit_head import op
+
+    monkeypatch.setattr(op, "HEADS_IN_KERNEL_MAX", 0)
+
+
 def run(impl, params, bn, kind):
     """Outputs, and gradients of a fixed function of them, for every input that takes one."""
     logits, conf = ops.exit_head(params["x"], kind, params["cls_weight"], params["cls_bias"],
@@ -118,8 +151,7 @@ def test_half_precision_error_at_most_twice_the_reference(dtype, kind, heads, mo
     twice that of the reference run in the same dtype; with the heads in the kernels and, for heads
     too large for them (HEADS_IN_KERNEL_MAX lowered to 0 here), by torch's linear layers."""
     if heads == "by-linear-layers":
-        from eefast.kernels import exit_head as kernel
-        monkeypatch.setattr(kernel, "HEADS_IN_KERNEL_MAX", 0)
+        lower_heads_in_kernel_max(monkeypatch)
     kind, training = kind.removesuffix("-train"), kind.endswith("-train")
     params, bn = make(SHAPES["non-pow2"], kind, dtype, training=training)
     exact_params = {k: v.detach().double().requires_grad_() for k, v in params.items()}
@@ -156,31 +188,23 @@ def head_op_args(mode, dtype=torch.float64, seed=0):
 HEAD_MODES = ["pool", "bn-running", "bn-batch"]
 
 
+@pytest.mark.parametrize("heads", ["heads", "pooled"])
 @pytest.mark.parametrize("path", ["custom-op", "eager"])
 @pytest.mark.parametrize("mode", HEAD_MODES)
-def test_gradcheck_float64(mode, path):
+def test_gradcheck_float64(mode, path, heads):
     """Every gradient of the fused head (the batch norm's through the batch statistics included),
-    through the custom op and through the eager autograd.Function."""
-    from eefast.kernels.exit_head import ExitHeadEager, exit_head_fused
+    through the custom op and through the eager autograd.Function; with the heads, and without
+    them (heads too large for the kernels: dL/dx and the batch norm's gradients from dL/d pooled)."""
+    from eefast.kernels.exit_head import ExitHeadFunction, exit_head_fused
 
-    op = exit_head_fused if path == "custom-op" else lambda *args: ExitHeadEager.apply(*args, None)
-    assert gradcheck_of(op, head_op_args(mode), outputs=2)
-
-
-@pytest.mark.parametrize("path", ["custom-op", "eager"])
-@pytest.mark.parametrize("mode", HEAD_MODES)
-def test_pool_gradcheck_float64(mode, path):
-    """The same for the pooled features alone (eefast::exit_pool_fused, which heads too large for
-    the kernels take): dL/dx and the batch norm's gradients from dL/d pooled."""
-    from eefast.kernels.exit_head import ExitPoolEager, exit_pool_fused
-
-    op = exit_pool_fused if path == "custom-op" else lambda *args: ExitPoolEager.apply(*args, None)
-    assert gradcheck_of(op, pool_op_args(head_op_args(mode)), outputs=1)
+    op = exit_head_fused if path == "custom-op" else lambda *args: ExitHeadFunction.apply(*args, None)
+    args = head_op_args(mode) if heads == "heads" else pool_op_args(head_op_args(mode))
+    assert gradcheck_of(op, args, outputs=2 if heads == "heads" else 1)
 
 
 def pool_op_args(head_args):
-    """exit_pool_fused's arguments: exit_head_fused's without the four head tensors."""
-    return (head_args[0], *head_args[5:])
+    """exit_head_fused's arguments without the four head tensors."""
+    return (head_args[0], None, None, None, None, *head_args[5:])
 
 
 def gradcheck_of(op, args, outputs):
@@ -196,30 +220,27 @@ def gradcheck_of(op, args, outputs):
     return torch.autograd.gradcheck(head, [args[i] for i in tensors], eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("heads", ["heads", "pooled"])
 @pytest.mark.parametrize("mode", HEAD_MODES)
-def test_opcheck(mode):
-    from eefast.kernels.exit_head import exit_head_fused, exit_pool_fused
+def test_opcheck(mode, heads):
+    from eefast.kernels.exit_head import exit_head_fused
 
     args = head_op_args(mode, torch.float32)
+    if heads == "pooled":
+        args = pool_op_args(args)
     torch.library.opcheck(torch.ops.eefast.exit_head_fused, args)
-    torch.library.opcheck(torch.ops.eefast.exit_pool_fused, pool_op_args(args))
-    logits, conf, per_sample, stats = exit_head_fused(*args)
-    pooled, pool_per_sample, _ = exit_pool_fused(*pool_op_args(args))
+    out, conf, per_sample, stats = exit_head_fused(*args)
     x, cls_weight, _, conf_weight, _, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, relu = args
     mean, var = (stats[0], stats[1]) if batch_stats else (running_mean, running_var)
-    detached = [None if t is None else t.detach() for t in (x, cls_weight, conf_weight, bn_weight, bn_bias)]
-    bn_state = (*detached[3:], None if mean is None else mean.detach(), None if var is None else var.detach())
+    detached = [None if t is None else t.detach() for t in (x, cls_weight, conf_weight, bn_weight, bn_bias, mean, var)]
     torch.library.opcheck(torch.ops.eefast.exit_head_fused_backward,
-                          (torch.randn_like(logits), torch.randn_like(conf), *detached[:3], *bn_state,
-                           per_sample.detach(), eps, batch_stats, relu))
-    torch.library.opcheck(torch.ops.eefast.exit_pool_fused_backward,
-                          (torch.randn_like(pooled), detached[0], *bn_state, pool_per_sample.detach(), eps,
+                          (torch.randn_like(out), torch.randn_like(conf), *detached, per_sample.detach(), eps,
                            batch_stats, relu))
 
 
 def test_head_op_refuses_heads_too_large_for_the_kernels():
     """exit_head_fused applies heads of at most HEADS_IN_KERNEL_MAX weights (each per-sample program
-    reads them whole); larger ones are exit_pool_fused's pooled features and torch's linear layers."""
+    reads them whole); larger ones are the op's pooled features and torch's linear layers."""
     from eefast.kernels import exit_head as kernel
 
     x, _, _, _, _, *rest = head_op_args("pool", torch.float32)
@@ -264,10 +285,9 @@ def test_training_eenet8_gives_the_reference_losses(exit_type):
 @pytest.mark.parametrize("heads", ["in-kernel", "by-linear-layers"])
 def test_model_with_fused_ops_compiles_fullgraph(heads, monkeypatch):
     """The model's fused ops trace with fullgraph (the custom ops, and for heads too large for the
-    kernels exit_pool_fused with torch's linear layers: HEADS_IN_KERNEL_MAX lowered to 0 here)."""
+    kernels the op without heads, and torch's linear layers: HEADS_IN_KERNEL_MAX lowered to 0 here)."""
     if heads == "by-linear-layers":
-        from eefast.kernels import exit_head as kernel
-        monkeypatch.setattr(kernel, "HEADS_IN_KERNEL_MAX", 0)
+        lower_heads_in_kernel_max(monkeypatch)
     model = fused_eenet8(exit_type="bnpool").train()
     criterion = eefast.EENetLoss(impl="triton")
     x, y = torch.randn(4, 1, 28, 28, device=DEVICE), torch.randint(0, 10, (4,), device=DEVICE)
@@ -389,24 +409,21 @@ def test_inference_follows_parameter_changes(kind):
 def test_large_heads_go_to_torch_linear_layers(shape, kind, training, monkeypatch):
     """Heads over HEADS_IN_KERNEL_MAX weights (K=1000 at C=64: 64064) are not read by every
     per-sample program (B times the matrix): the kernels stop at the pooled features
-    (exit_pool_fused) and torch's linear layers apply the heads (autograd differentiates them). A
+    and torch's linear layers apply the heads (autograd differentiates them). A
     plain exit has nothing left to fuse then and launches nothing. The outputs and gradients
     match the reference either way."""
     from eefast.kernels import exit_head as kernel
 
-    launches = []
-    for name in ("forward", "backward"):
-        launcher = getattr(kernel, f"_launch_{name}")
-        monkeypatch.setattr(kernel, f"_launch_{name}", lambda *args, _launch=launcher, _name=name: (
-            launches.append((_name, args[3]["HEADS_IN_KERNEL"])), _launch(*args)))
+    launches = record_launches(monkeypatch)
     params, bn = make(shape, kind, torch.float64, training=training)
     outputs, grads = run("triton", params, bn, kind)
     ref_outputs, ref_grads = run("reference", params, clone_bn(bn), kind)
     batch, channels, height, width, classes = shape
     features = channels * height * width if kind == "plain" else channels
     in_kernel = (classes + 1) * features <= kernel.HEADS_IN_KERNEL_MAX
-    expected = [] if kind == "plain" and not in_kernel else [("forward", in_kernel), ("backward", in_kernel)]
-    assert launches == expected
+    expected = [] if kind == "plain" and not in_kernel else [("exit_head_forward", in_kernel),
+                                                             ("exit_head_backward", in_kernel)]
+    assert [(name, constexprs["HEADS"]) for name, _, constexprs in launches if name.startswith("exit_head")] == expected
     for got, want in zip(outputs + grads, ref_outputs + ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -447,42 +464,35 @@ CHANNEL_SPLIT_SHAPES = {"c-chunks": (*SHAPES["c-chunks"], 3), "merged-in-forward
 ], ids=["pool", "bnpool-eval", "bnpool-train", "bnpool-train-merged-in-forward"])
 def test_channels_split_over_programs_when_the_batch_is_small(kind, training, shape, heads, layout, monkeypatch):
     """Where a program per sample would leave the GPU mostly idle with much to read each
-    (_channel_splits; its threshold lowered here so a small input splits), the backward's
+    (channel_splits; its threshold lowered here so a small input splits), the backward's
     per-sample programs, and the forward's without heads in the kernel, share each sample's
     channels along the grid's second axis; the sums over the batch then run as the reduce kernel
     of their own. Outputs, every gradient and the running statistics match the reference. (The
     forward's split once overwrote the statistics' split count, which only the forward's merge
     reads.)"""
-    from eefast.kernels import exit_head as kernel
+    from eefast.kernels.exit_head import common, statistics
 
-    cached_blocks = (kernel._channel_splits, kernel._stats_blocks, kernel._stats_channels_blocks)
-    for cached in cached_blocks:
-        cached.cache_clear()
-    monkeypatch.setattr(kernel, "STATS_SPLIT_MIN", 16)  # (also splits the statistics: both paths at once)
+    for module in (common, statistics):  # (also splits the statistics: both paths at once)
+        monkeypatch.setattr(module, "SPLIT_MIN", 16)
     if heads == "by-linear-layers":
-        monkeypatch.setattr(kernel, "HEADS_IN_KERNEL_MAX", 0)
+        lower_heads_in_kernel_max(monkeypatch)
+    if shape == CHANNEL_SPLIT_SHAPES["merged-in-forward"] and layout == "channels_last":
+        pytest.skip("channels_last splits the statistics over positions: the merge kernel merges them")
+    launches = record_launches(monkeypatch)
+    *shape, splits = shape
+    params, bn = make(shape, kind, torch.float64, layout=layout, training=training)
+    bn_reference = clone_bn(bn)
+    outputs, grads = run("triton", params, bn, kind)
+    ref_outputs, ref_grads = run("reference", params, bn_reference, kind)
     grids = {}
-    for name in ("forward", "backward", "reduce", "stats", "stats_merge"):
-        launcher = getattr(kernel, f"_launch_{name}")
-        monkeypatch.setattr(kernel, f"_launch_{name}", lambda *args, _launch=launcher, _name=name: (
-            grids.setdefault(_name, tuple(args[1])), _launch(*args)))
-    try:
-        if shape == CHANNEL_SPLIT_SHAPES["merged-in-forward"] and layout == "channels_last":
-            pytest.skip("channels_last splits the statistics over positions: the merge kernel merges them")
-        *shape, splits = shape
-        params, bn = make(shape, kind, torch.float64, layout=layout, training=training)
-        bn_reference = clone_bn(bn)
-        outputs, grads = run("triton", params, bn, kind)
-        ref_outputs, ref_grads = run("reference", params, bn_reference, kind)
-    finally:
-        for cached in cached_blocks:
-            cached.cache_clear()
+    for name, grid, _ in launches:
+        grids.setdefault(name.removeprefix("exit_head_"), grid)
     batch = shape[0]
     assert grids["backward"] == (batch, splits)
     assert grids["forward"] == ((batch, splits) if heads == "by-linear-layers" else (batch, 1))
     assert ("reduce" in grids) == (heads == "in-kernel" or kind == "bnpool")
     if shape == list(CHANNEL_SPLIT_SHAPES["merged-in-forward"][:5]):
-        assert grids["stats"] == (shape[1], 2) and "stats_merge" not in grids
+        assert grids["batch_stats"] == (shape[1], 2) and "batch_stats_merge" not in grids
     for got, want in zip(outputs + grads, ref_outputs + ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     if bn is not None:
@@ -496,50 +506,52 @@ def test_channels_split_over_programs_when_the_batch_is_small(kind, training, sh
 def test_backward_is_one_launch_unless_batch_statistics(kind, training, launches, monkeypatch):
     """The backward's reduce programs (the sums over the batch) run in the per-sample kernel's
     launch, except with batch statistics, whose dL/dx needs their sums first; the gradients match
-    the reference either way (test_matches_reference covers every shape)."""
-    from eefast.kernels import exit_head as kernel
-
-    seen = []
-    for name in ("reduce", "backward"):
-        launcher = getattr(kernel, f"_launch_{name}")
-        monkeypatch.setattr(kernel, f"_launch_{name}",
-                            lambda *args, _launch=launcher, _name=name: (seen.append(_name), _launch(*args)))
+    the reference either way (test_matches_reference covers every shape). The launch count is
+    the device-time structure the H200 results measured."""
+    recorded = record_launches(monkeypatch)
     params, bn = make(SHAPES["k-blocks"], kind, torch.float64, training=training)
     outputs, grads = run("triton", params, bn, kind)
-    assert seen == launches
+    seen = [name.removeprefix("exit_head_") for name, _, _ in recorded]
+    assert seen[seen.index("forward") + 1:] == launches
     ref_outputs, ref_grads = run("reference", params, clone_bn(bn), kind)
     for got, want in zip(outputs + grads, ref_outputs + ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("op", ["exit_head", "exit_pool"])
-def test_each_mode_takes_its_path(op, monkeypatch):
-    """Without autograd: the inference launch alone (no custom op, no folding); with autograd
-    (eval-mode or batch statistics): the eager autograd.Function, whose statistics kernel also
-    updates the running statistics (no lerp after the op); the custom op only under
-    torch.compile (test_model_with_fused_ops_compiles_fullgraph). The same for the pooled
-    features alone (exit_pool: heads too large for the kernels; HEADS_IN_KERNEL_MAX lowered to 0)."""
+@pytest.mark.parametrize("heads", ["heads", "pooled"])
+def test_each_mode_takes_its_path(heads, monkeypatch):
+    """Without autograd: the inference launch alone (no autograd.Function, no custom op); with
+    autograd (eval-mode or batch statistics): the eager autograd.Function, whose statistics kernel
+    also updates the running statistics (no lerp after the op); the custom op only under
+    torch.compile (test_model_with_fused_ops_compiles_fullgraph). The same for the pooled features
+    alone (heads too large for the kernels; HEADS_IN_KERNEL_MAX lowered to 0). The inference path
+    and the autograd.Function are the host-time savings benchmarks/results/h200-exit-head-profile.txt
+    measured."""
     from eefast.kernels import exit_head as kernel_module
 
-    if op == "exit_pool":
-        monkeypatch.setattr(kernel_module, "HEADS_IN_KERNEL_MAX", 0)
+    if heads == "pooled":
+        lower_heads_in_kernel_max(monkeypatch)
     calls = []
-    for name in [f"{op}_inference_launch", f"{op}_forward_launch", f"{op}_fused"]:
+    for name in ["inference", "exit_head_fused"]:
         original = getattr(kernel_module, name)
         monkeypatch.setattr(kernel_module, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    function_apply = kernel_module.ExitHeadFunction.apply
+    monkeypatch.setattr(kernel_module.ExitHeadFunction, "apply",
+                        staticmethod(lambda *args: calls.append("function") or function_apply(*args)))
     block = exit_block("bnpool")
     x = torch.randn(3, 5, 4, 4, device=DEVICE)
     with torch.no_grad():
         block(x)
-    assert calls == [f"{op}_inference_launch"]
+    assert calls == ["inference"]
     block(x)[0].sum().backward()
-    assert calls[1:] == [f"{op}_forward_launch"] and block.classifier.weight.grad is not None
+    assert calls[1:] == ["function"] and block.classifier.weight.grad is not None
     block.train()
     lerps = []
     monkeypatch.setattr(ops, "_update_running_stats", lambda *args: lerps.append(args))
     with torch.no_grad():
-        block(x)  # batch statistics: computed, and the running ones updated, by the op's launcher
-    assert calls[2:] == [f"{op}_forward_launch"] and not lerps
+        block(x)  # batch statistics: computed, and the running ones updated, by the op's kernels
+    assert calls[2:] == ["function"] and not lerps
+
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(3, 2, 5, 7), (40, 3, 17, 17), (1, 4, 1, 1), (70, 2, 16, 16)],
@@ -551,17 +563,17 @@ def test_batch_statistics(shape, layout):
     over 9 programs per channel (the last with 6 samples), and in channels_last (a kernel of its
     own, tiles of [positions, channels]) the 17920 positions over 18 programs, then merges the
     partials."""
-    from eefast.kernels.exit_head import _stats_blocks, _stats_channels_blocks, batch_stats_launch
+    from eefast.kernels.exit_head.statistics import batch_stats, stats_blocks, stats_channels_blocks
 
     if shape[0] == 70:
-        assert _stats_blocks(70, 2, 256)[2:] == (9, 8)
-        assert _stats_channels_blocks(70, 2, 256)[2:] == (18, 1024)
+        assert stats_blocks(70, 2, 256)[2:] == (9, 8)
+        assert stats_channels_blocks(70, 2, 256)[2:] == (18, 1024)
 
     g = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, torch.float32)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    stats = batch_stats_launch(x)
+    stats = batch_stats(x)
     var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
     count = x.numel() // x.shape[1]
     unbiased = var * count / max(count - 1, 1)
@@ -577,26 +589,24 @@ def test_split_batch_statistics_merged_by_the_forward_or_the_merge_kernel(layout
     (forced here by MERGE_IN_FORWARD_SHARE). Either way outputs, gradients (the backward reads the
     statistics the forward's program 0 wrote), the returned statistics and the running statistics
     match the reference."""
-    from eefast.kernels import exit_head as kernel
+    from eefast.kernels.exit_head import exit_head_fused, statistics
 
     if merged_by == "merge-kernel":
-        monkeypatch.setattr(kernel, "MERGE_IN_FORWARD_SHARE", 10**6)
-    merges = []
-    launch_merge = kernel._launch_stats_merge
-    monkeypatch.setattr(kernel, "_launch_stats_merge", lambda *args: (merges.append(args), launch_merge(*args)))
+        monkeypatch.setattr(statistics, "MERGE_IN_FORWARD_SHARE", 10**6)
+    launches = record_launches(monkeypatch)
     shape = (70, 2, 16, 16, 3)
     params, bn = make(shape, "bnpool", torch.float64, layout=layout, training=True)
     bn_reference = clone_bn(bn)
     outputs, grads = run("triton", params, bn, "bnpool")
     ref_outputs, ref_grads = run("reference", params, bn_reference, "bnpool")
+    merges = [name for name, _, _ in launches if name == "batch_stats_merge"]
     assert len(merges) == (merged_by == "merge-kernel")
     for got, want in zip(outputs + grads, ref_outputs + ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(bn.running_mean, bn_reference.running_mean, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(bn.running_var, bn_reference.running_var, rtol=1e-13, atol=1e-15)
-    stats = kernel.exit_head_forward_launch(params["x"].detach(), params["cls_weight"].detach(),
-                                            params["cls_bias"].detach(), params["conf_weight"].detach(),
-                                            params["conf_bias"].detach(), None, None, None, None, 1e-5, True, True)[3]
+    heads = [params[name].detach() for name in ("cls_weight", "cls_bias", "conf_weight", "conf_bias")]
+    stats = exit_head_fused(params["x"].detach(), *heads, None, None, None, None, 1e-5, True, True)[3]
     var, mean = torch.var_mean(params["x"].detach(), dim=(0, 2, 3), unbiased=False)
     count = 70 * 16 * 16
     torch.testing.assert_close(stats, torch.stack([mean, var, var * count / (count - 1)]), rtol=1e-12, atol=1e-15)
@@ -605,20 +615,20 @@ def test_split_batch_statistics_merged_by_the_forward_or_the_merge_kernel(layout
 @pytest.mark.parametrize("batch, channels, pixels", [(256, 64, 64), (256, 512, 64), (8, 16, 16), (1024, 3, 1024),
                                                      (70, 2, 256), (2, 1, 1)])
 def test_statistics_programs_read_at_most_the_split_threshold(batch, channels, pixels):
-    """Both statistics kernels split their work until each program reads at most STATS_SPLIT_MIN
-    values (or one tile), unless about STATS_PROGRAMS programs already run (at least half: a split
-    takes whole tiles, which can round the count down); the splits cover every sample or position
-    once. (The channels_last kernel once ran one program for 64 channels.)"""
-    from eefast.kernels import exit_head as kernel
+    """Both statistics kernels split their work until each program reads at most SPLIT_MIN values
+    (or one tile), unless about PROGRAMS programs already run (at least half: a split takes whole
+    tiles, which can round the count down); the splits cover every sample or position once. (The
+    channels_last kernel once ran one program for 64 channels.)"""
+    from eefast.kernels.exit_head import statistics
 
-    enough = kernel.STATS_PROGRAMS // 2
-    block_b, block_hw, splits, rows = kernel._stats_blocks(batch, channels, pixels)
+    enough = statistics.PROGRAMS // 2
+    block_b, block_hw, splits, rows = statistics.stats_blocks(batch, channels, pixels)
     assert (splits - 1) * rows < batch <= splits * rows and rows % block_b == 0 or splits == 1
-    assert channels * splits >= enough or rows * pixels <= max(kernel.STATS_SPLIT_MIN, block_b * pixels)
-    block_n, block_c, splits, positions = kernel._stats_channels_blocks(batch, channels, pixels)
+    assert channels * splits >= enough or rows * pixels <= max(statistics.SPLIT_MIN, block_b * pixels)
+    block_n, block_c, splits, positions = statistics.stats_channels_blocks(batch, channels, pixels)
     programs = -(-channels // block_c) * splits
     assert (splits - 1) * positions < batch * pixels <= splits * positions
-    assert programs >= enough or positions * block_c <= max(kernel.STATS_SPLIT_MIN, block_n * block_c)
+    assert programs >= enough or positions * block_c <= max(statistics.SPLIT_MIN, block_n * block_c)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -628,7 +638,7 @@ def test_statistics_kernels_update_the_running_statistics(shape, dtype, layout):
     """With running_update the statistics kernel (or, with the batch split, the merge kernel)
     updates the running statistics in place as nn.BatchNorm2d does, the momentum to float64
     precision (it travels as two float32s)."""
-    from eefast.kernels.exit_head import batch_stats_launch
+    from eefast.kernels.exit_head import batch_stats
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
@@ -640,7 +650,7 @@ def test_statistics_kernels_update_the_running_statistics(shape, dtype, layout):
     var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=True)
     want_mean = running_mean.double() + momentum * (mean - running_mean.double())
     want_var = running_var.double() + momentum * (var - running_var.double())
-    stats = batch_stats_launch(x, (running_mean, running_var, momentum))
+    stats = batch_stats(x, (running_mean, running_var, momentum))
     torch.testing.assert_close(stats[2].double(), var, **({} if dtype == torch.float32 else dict(rtol=1e-12, atol=0)))
     tolerance = dict(rtol=1.3e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(running_mean.double(), want_mean, **tolerance)
@@ -730,11 +740,12 @@ def test_vector_width_promise(label):
     max_contiguous, max_constancy: the interpreter ignores them, a GPU would read wrong values if
     they were false). The promise, checked on the addresses: every group of VEC elements starts
     16-byte aligned and lies wholly inside the map."""
-    from eefast.kernels.exit_head import CHANNELS_CONTIGUOUS, PIXELS_CONTIGUOUS, _flat_strides, _layout
+    from eefast.kernels.exit_head import CHANNELS_CONTIGUOUS, PIXELS_CONTIGUOUS, flat_strides
+    from eefast.kernels.exit_head import layout as layout_of
 
     x, expected = _strided_views()[label]
-    x, strides = _flat_strides(x)
-    layout, vec = _layout(x, strides)
+    x, strides = flat_strides(x)
+    layout, vec = layout_of(x, strides)
     assert (layout, vec) == expected
     batch, channels, height, width = x.shape
     stride_b, stride_c, stride_hw = strides
@@ -749,3 +760,21 @@ def test_vector_width_promise(label):
     if vec > 1:
         assert length % vec == 0
         assert bool((starts % 16 == 0).all())
+
+
+@pytest.mark.parametrize("variant", ["heads by torch's linear layers", "merge kernel always", "no split work",
+                                     "running update by torch", "no 16-byte vectors"])
+def test_each_variant_turned_off_still_matches_the_reference(variant):
+    """benchmarks/exit_head_variants.py times the exit head with each device-side variant turned off
+    (the measurement that decides which stay): the code it times then still gives the reference's
+    outputs, gradients and running statistics. B=17, C=2, 16x16 splits the statistics 3 ways."""
+    from benchmarks.exit_head_variants import VARIANTS, turned_off
+
+    with turned_off(VARIANTS[variant]):
+        params, bn = make((17, 2, 16, 16, 3), "bnpool", torch.float64, training=True)
+        bn_reference = clone_bn(bn)
+        outputs, grads = run("triton", params, bn, "bnpool")
+    ref_outputs, ref_grads = run("reference", params, bn_reference, "bnpool")
+    for got, want in zip(outputs + grads + [bn.running_mean, bn.running_var],
+                         ref_outputs + ref_grads + [bn_reference.running_mean, bn_reference.running_var]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

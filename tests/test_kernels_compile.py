@@ -25,7 +25,8 @@ SCRIPT = r'''
 import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from eefast.kernels import ee_loss, exit_head
+from eefast.kernels import ee_loss
+from eefast.kernels.exit_head import backward, forward, statistics
 
 def compile_kernel(fn, pointers, ints, constexprs, arch):
     signature = {**{name: dtype for name, dtype in pointers.items()}, **{name: "i32" for name in ints},
@@ -68,20 +69,20 @@ for arch in (80, 90):
         running = {"running_mean_ptr": f"*{data}", "running_var_ptr": f"*{data}", "momentum_hi": "fp32",
                    "momentum_lo": "fp32"}
         for split, layout, stats_vec in ((False, 1, vec), (True, 0, 1)):
-            compile_kernel(exit_head._batch_stats_kernel,
+            compile_kernel(statistics._batch_stats_kernel,
                            {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}", "partials_ptr": f"*{compute}", **running},
                            ["B", "C", "HW", "stride_b", "stride_c", "stride_hw", "rows_per_split"],
                            {"SPLIT": split, "UPDATE": not split, "LAYOUT": layout, "VEC": stats_vec, "BLOCK_B": 32,
                             "BLOCK_HW": 64, "COMPUTE": compute_tl}, arch)
             count += 1
         for split, stats_vec in ((False, vec), (True, 1)):  # channels_last: whole or split
-            compile_kernel(exit_head._batch_stats_channels_kernel,
+            compile_kernel(statistics._batch_stats_channels_kernel,
                            {"x_ptr": f"*{data}", "stats_ptr": f"*{compute}", "partials_ptr": f"*{compute}", **running},
                            ["C", "HW", "N", "stride_b", "stride_hw", "positions_per_split"],
                            {"SPLIT": split, "UPDATE": not split, "VEC": stats_vec, "BLOCK_N": 32, "BLOCK_C": 64,
                             "COMPUTE": compute_tl}, arch)
             count += 1
-        compile_kernel(exit_head._batch_stats_merge_kernel,
+        compile_kernel(statistics._batch_stats_merge_kernel,
                        {"x_ptr": f"*{data}", "partials_ptr": f"*{compute}", "stats_ptr": f"*{compute}", **running},
                        ["C", "S", "stride_c"], {"UPDATE": True, "BLOCK_S": 128, "BLOCK_C": 16, "COMPUTE": compute_tl},
                        arch)
@@ -95,11 +96,11 @@ for arch in (80, 90):
             flags = {"BN": bn, "RELU": bn, "LAYOUT": layout, "VEC": layout_vec, "BLOCK_C": 32, "BLOCK_HW": 64,
                      "COMPUTE": compute_tl}
             # (inference; training, the batch statistics given or merged from partials by the forward;
-            # the pooled features alone, the heads left to torch: exit_pool_fused)
+            # the pooled features alone, the heads left to torch: the op without heads)
             for bn_sums, merge, heads in (((False, False, True), (True, False, True), (True, True, True),
                                            (True, False, False)) if bn
                                           else ((False, False, True), (False, False, False))):
-                compile_kernel(exit_head._exit_head_forward_kernel,
+                compile_kernel(forward._exit_head_forward_kernel,
                                {"x_ptr": f"*{data}", "cls_weight_ptr": f"*{data}", "cls_bias_ptr": f"*{data}",
                                 "conf_weight_ptr": f"*{data}", "conf_bias_ptr": f"*{data}", **bn_pointers,
                                 "partials_ptr": f"*{compute}", "stats_ptr": f"*{compute}", **running,
@@ -107,32 +108,32 @@ for arch in (80, 90):
                                 "eps": "fp32"},
                                ["C", "HW", "K", "S", "stride_b", "stride_c", "stride_hw"],
                                {**flags, "BN_SUMS": bn_sums, "MERGE": merge, "UPDATE": merge,
-                                "HEADS_IN_KERNEL": heads, "BLOCK_K": 16, "BLOCK_S": 4}, arch)
+                                "HEADS": heads, "BLOCK_K": 16, "BLOCK_S": 4}, arch)
                 count += 1
             for heads_in_kernel in (False, True):
                 for batch_stats in ((False, True) if bn else (False,)):
                     # (the reduce programs in the same launch wherever there are sums and dL/dx needs none)
-                    # (dL/d pooled from the heads in the kernel, or given in x's dtype: exit_pool_fused)
+                    # (dL/d pooled from the heads in the kernel, or given in x's dtype: the op without heads)
                     grad_pooled = f"*{compute}" if heads_in_kernel else f"*{data}"
-                    compile_kernel(exit_head._exit_head_backward_kernel,
+                    compile_kernel(backward._exit_head_backward_kernel,
                                    {"grad_pooled_ptr": grad_pooled, **head_pointers, "x_ptr": f"*{data}",
                                     **bn_pointers, "per_sample_ptr": f"*{compute}", "grad_weight_ptr": f"*{data}",
                                     "grad_bias_ptr": f"*{data}", "totals_ptr": f"*{compute}",
                                     "grad_x_ptr": f"*{data}", "eps": "fp32"},
                                    ["B", "C", "HW", "K", "stride_b", "stride_c", "stride_hw", "gl_stride_b",
                                     "gl_stride_k", "gc_stride"],
-                                   {**flags, "BATCH_STATS": batch_stats, "HEADS_IN_KERNEL": heads_in_kernel,
+                                   {**flags, "BATCH_STATS": batch_stats, "HEADS": heads_in_kernel,
                                     "BLOCK_K": 16, "REDUCE": (heads_in_kernel or bn) and not batch_stats,
                                     "REDUCE_B": 64, "REDUCE_C": 8, "REDUCE_K": 16}, arch)
                     count += 1
                 if bn or heads_in_kernel:
-                    compile_kernel(exit_head._exit_head_reduce_kernel,
+                    compile_kernel(backward._exit_head_reduce_kernel,
                                    {"grad_pooled_ptr": f"*{compute}" if heads_in_kernel else f"*{data}",
                                     **head_pointers,
                                     "per_sample_ptr": f"*{compute}", "grad_weight_ptr": f"*{data}",
                                     "grad_bias_ptr": f"*{data}", "totals_ptr": f"*{compute}"},
                                    ["B", "C", "HW", "K", "gl_stride_b", "gl_stride_k", "gc_stride"],
-                                   {"BN": bn, "HEADS_IN_KERNEL": heads_in_kernel, "BLOCK_B": 64, "BLOCK_C": 8,
+                                   {"BN": bn, "HEADS": heads_in_kernel, "BLOCK_B": 64, "BLOCK_C": 8,
                                     "BLOCK_K": 16, "COMPUTE": compute_tl}, arch)
                     count += 1
 print(count)
@@ -155,7 +156,8 @@ from pathlib import Path
 import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from eefast.kernels import exit_head as H
+import torch
+from eefast.kernels.exit_head import backward as HB, common as HC, forward as HF, statistics as HS
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -179,8 +181,10 @@ def resources(fn, pointers, constexprs):
 # NCHW, with the blocks and layout the launchers pick; batch norm with batch statistics.
 for data, size in (("fp32", 4), ("bf16", 2)):
     for pixels, strides in ((64, (4096, 64, 1)), (49, (3136, 49, 1))):
-        layout, vec = H._layout_of(64, pixels, strides, size)
-        block_c, block_hw, block_k = H._blocks(64, pixels, 11, layout, vec)
+        x = torch.empty(256, 64, pixels, 1, dtype=torch.float32 if data == "fp32" else torch.bfloat16)
+        assert HC.flat_strides(x)[1] == strides
+        layout, vec = HC.layout(x, strides)
+        block_c, block_hw, block_k = HC.blocks(64, pixels, 11, layout, vec)
         common = {"LAYOUT": layout, "VEC": vec, "BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_K": block_k,
                   "COMPUTE": tl.float32, "BN": True, "RELU": True}
         pointers = {name: f"*{data}" for name in ("x_ptr", "cls_weight_ptr", "cls_bias_ptr", "conf_weight_ptr",
@@ -189,41 +193,42 @@ for data, size in (("fp32", 4), ("bf16", 2)):
         pointers.update({name: "*fp32" for name in ("per_sample_ptr", "grad_pooled_ptr", "totals_ptr", "stats_ptr",
                                                     "partials_ptr", "running_mean_ptr", "running_var_ptr")},
                         eps="fp32", momentum_hi="fp32", momentum_lo="fp32")
-        block_b, stats_hw = H._stats_blocks(256, 64, pixels)[:2]
-        block_n, stats_c = H._stats_channels_blocks(256, 64, pixels)[:2]
-        reduce_b, reduce_c, reduce_k = H._reduce_blocks(256, 64, 11)
-        splits = H._stats_blocks(256, 64, pixels)[2]
-        channels_last_splits = H._stats_channels_blocks(256, 64, pixels)[2]
-        merge_s, merge_c = H._merge_blocks(channels_last_splits, 64)
-        assert H._merge_in_forward(splits, pixels)  # (both shapes: NCHW statistics split 4 ways, merged by the forward)
+        block_b, stats_hw = HS.stats_blocks(256, 64, pixels)[:2]
+        block_n, stats_c = HS.stats_channels_blocks(256, 64, pixels)[:2]
+        reduce_b, reduce_c, reduce_k = HB.reduce_blocks(256, 64, 11)
+        splits = HS.stats_blocks(256, 64, pixels)[2]
+        channels_last_splits = HS.stats_channels_blocks(256, 64, pixels)[2]
+        merge_c = 16  # (statistics.launch_merge's blocks for 64 channels)
+        merge_s = HS.merge_block_s(channels_last_splits, merge_c)
+        assert HS.merge_in_forward(splits, pixels)  # (both shapes: NCHW statistics split 4 ways, merged by the forward)
         no_reduce = {"REDUCE": False, "REDUCE_B": 1, "REDUCE_C": 1, "REDUCE_K": 1}
         kernels = {
-            "forward": (H._exit_head_forward_kernel, {**common, "BN_SUMS": True, "MERGE": True, "UPDATE": True,
-                                                      "HEADS_IN_KERNEL": True,
-                                                      "BLOCK_S": H._merge_block_s(splits, block_c)}),
-            "backward": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS_IN_KERNEL": True,
+            "forward": (HF._exit_head_forward_kernel, {**common, "BN_SUMS": True, "MERGE": True, "UPDATE": True,
+                                                      "HEADS": True,
+                                                      "BLOCK_S": HS.merge_block_s(splits, block_c)}),
+            "backward": (HB._exit_head_backward_kernel, {**common, "BATCH_STATS": True, "HEADS": True,
                                                         **no_reduce}),
             # the pool exit's backward: dL/dx and the heads' sums in one launch
-            "backward pool": (H._exit_head_backward_kernel, {
-                **common, "BN": False, "RELU": False, "BATCH_STATS": False, "HEADS_IN_KERNEL": True, "REDUCE": True,
+            "backward pool": (HB._exit_head_backward_kernel, {
+                **common, "BN": False, "RELU": False, "BATCH_STATS": False, "HEADS": True, "REDUCE": True,
                 "REDUCE_B": reduce_b, "REDUCE_C": reduce_c, "REDUCE_K": reduce_k}),
-            "stats": (H._batch_stats_kernel, {"SPLIT": splits > 1, "UPDATE": splits == 1, "LAYOUT": layout,
+            "stats": (HS._batch_stats_kernel, {"SPLIT": splits > 1, "UPDATE": splits == 1, "LAYOUT": layout,
                                               "VEC": vec, "BLOCK_B": block_b, "BLOCK_HW": stats_hw,
                                               "COMPUTE": tl.float32}),
-            "stats channels_last": (H._batch_stats_channels_kernel, {
+            "stats channels_last": (HS._batch_stats_channels_kernel, {
                 "SPLIT": channels_last_splits > 1, "UPDATE": channels_last_splits == 1, "VEC": vec, "BLOCK_N": block_n,
                 "BLOCK_C": stats_c, "COMPUTE": tl.float32}),
-            "merge channels_last": (H._batch_stats_merge_kernel, {"UPDATE": True, "BLOCK_S": merge_s,
+            "merge channels_last": (HS._batch_stats_merge_kernel, {"UPDATE": True, "BLOCK_S": merge_s,
                                                                   "BLOCK_C": merge_c, "COMPUTE": tl.float32}),
-            "reduce": (H._exit_head_reduce_kernel, {"BN": True, "HEADS_IN_KERNEL": True, "BLOCK_B": reduce_b,
+            "reduce": (HB._exit_head_reduce_kernel, {"BN": True, "HEADS": True, "BLOCK_B": reduce_b,
                                                     "BLOCK_C": reduce_c, "BLOCK_K": reduce_k, "COMPUTE": tl.float32}),
-            # the same map under heads too large for the kernels (exit_pool_fused: pooled features out,
+            # the same map under heads too large for the kernels (the op without heads: pooled features out,
             # dL/d pooled in, in x's dtype)
-            "forward without heads": (H._exit_head_forward_kernel, {
-                **common, "BN_SUMS": True, "MERGE": True, "UPDATE": True, "HEADS_IN_KERNEL": False,
-                "BLOCK_S": H._merge_block_s(splits, block_c)}),
-            "backward without heads": (H._exit_head_backward_kernel, {**common, "BATCH_STATS": True,
-                                                                      "HEADS_IN_KERNEL": False, **no_reduce}),
+            "forward without heads": (HF._exit_head_forward_kernel, {
+                **common, "BN_SUMS": True, "MERGE": True, "UPDATE": True, "HEADS": False,
+                "BLOCK_S": HS.merge_block_s(splits, block_c)}),
+            "backward without heads": (HB._exit_head_backward_kernel, {**common, "BATCH_STATS": True,
+                                                                      "HEADS": False, **no_reduce}),
         }
         for name, (fn, constexprs) in kernels.items():
             kernel_pointers = {**pointers, "grad_pooled_ptr": f"*{data}"} if name.endswith("without heads") else pointers
