@@ -9,7 +9,9 @@ autograd) and no kernel. The steps and shapes are those of ``profile_exit_head``
 benchmarks: an ExitBlock training step (forward, then the gradients of x and of every parameter
 from fixed upstream gradients) and an inference call at B=256, C=64, 8x8, K=10 (pool, bnpool), a
 large-head step (K=1000, the heads on torch's linear layers), and the loss step (E=4, B=256,
-K=10: forward and backward of ``ops.eenet_loss``). The best of 15 rounds of 200 calls each.
+K=10: forward and backward of ``ops.eenet_loss``), and the exit head's and loss's training steps
+through their custom ops (as torch.compile calls them), against which the eager
+autograd.Functions are measured. The best of 15 rounds of 200 calls each.
 """
 
 from __future__ import annotations
@@ -61,6 +63,40 @@ def loss_step(classes: int):
     return step
 
 
+def custom_op_step(kind: str):
+    """The exit head's training step through its custom op, as torch.compile calls it (batch
+    statistics for bnpool; no running-statistics update): what ExitHeadFunction's path saves."""
+    from eefast.kernels.exit_head import exit_head_fused
+    from benchmarks.workloads import upstream_gradients
+
+    torch.manual_seed(0)
+    block = eefast.ExitBlock(64, 10, kind, impl="triton").train()
+    x = torch.randn(256, 64, 8, 8, requires_grad=True)
+    heads = (block.classifier.weight, block.classifier.bias, block.confidence.weight, block.confidence.bias)
+    bn = block.bn
+    bn_args = (None, None, None, None, 0.0) if bn is None else (bn.weight, bn.bias, None, None, bn.eps)
+    params, grad_outputs = [x, *block.parameters()], upstream_gradients(block, x)
+
+    def step():
+        logits, conf, _, _ = exit_head_fused(x, *heads, *bn_args, bn is not None, bn is not None)
+        return torch.autograd.grad((logits, conf), params, grad_outputs)
+    return step
+
+
+def loss_custom_op_step():
+    """The loss step through its custom op (as torch.compile calls it): what EELossEager's path saves."""
+    from eefast.kernels.ee_loss import ee_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 256, 10, generator=g).requires_grad_()
+    conf = torch.randn(3, 256, generator=g).requires_grad_()
+    target, costs = torch.randint(0, 10, (256,), generator=g), torch.tensor([0.1, 0.3, 0.6, 1.01])
+
+    def step():
+        return torch.autograd.grad(ee_loss(logits, conf, target, costs, 1.0, "v2")[0].mean(), (logits, conf))
+    return step
+
+
 def main() -> None:
     torch.set_num_threads(1)
     stub_launches()
@@ -80,6 +116,10 @@ def main() -> None:
             print(f"  {f'exit head inference {kind} K=10':<58} {host_us(lambda: block(x)):>9.1f}")
     for classes in (10, 1000):
         print(f"  {f'loss step E=4 B=256 K={classes}':<58} {host_us(loss_step(classes)):>9.1f}")
+    for kind in ("pool", "bnpool"):
+        print(f"  {f'exit head training step {kind} K=10, custom op (compiled path)':<58} "
+              f"{host_us(custom_op_step(kind)):>9.1f}")
+    print(f"  {'loss step E=4 B=256 K=10, custom op (compiled path)':<58} {host_us(loss_custom_op_step()):>9.1f}")
 
 
 if __name__ == "__main__":

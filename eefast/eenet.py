@@ -163,20 +163,21 @@ class EENet(nn.Module):
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, num_exits: int = 3, **kwargs) -> EENet:
-        """An EENet over a torchvision-style ResNet (``conv1 bn1 relu maxpool layer1..layer4 avgpool fc``).
+        """An EENet over a classification network cut at its natural block boundaries
+        (``eefast.backbones.cut_backbone``: torchvision's ResNet, RegNet, ShuffleNetV2, MNASNet,
+        MobileNet, EfficientNet, ConvNeXt, VGG and DenseNet families, or an nn.Sequential).
 
-        The stem is one block and every residual block of ``layer1..layer4`` another; the EENet
-        shares the backbone's modules (and weights). ``kwargs`` go to ``EENet``; ``num_classes``
-        defaults to ``fc.out_features`` and ``input_shape`` to (3, 224, 224).
+        The EENet shares the backbone's modules (and weights). ``kwargs`` go to ``EENet``;
+        ``num_classes`` defaults to the classifier's outputs and ``input_shape`` to (3, 224, 224).
         """
-        needed = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
-        missing = [name for name in needed if not hasattr(backbone, name)]
-        if missing:
-            raise ValueError(f"EENet.from_backbone: expected a torchvision-style ResNet with {needed}, missing {missing}")
-        stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
-        blocks = [stem, *backbone.layer1, *backbone.layer2, *backbone.layer3, *backbone.layer4]
-        classifier = nn.Sequential(backbone.avgpool, nn.Flatten(1), backbone.fc)
-        kwargs.setdefault("num_classes", backbone.fc.out_features)
+        from eefast.backbones import cut_backbone
+
+        blocks, classifier, num_classes = cut_backbone(backbone)
+        if num_classes is not None:
+            kwargs.setdefault("num_classes", num_classes)
+        if "num_classes" not in kwargs:
+            raise ValueError(f"EENet.from_backbone: the classifier of {type(backbone).__name__} has no nn.Linear to "
+                             "read the number of classes from; give num_classes=")
         kwargs.setdefault("input_shape", (3, 224, 224))
         return cls(blocks, classifier, num_exits=num_exits, **kwargs)
 

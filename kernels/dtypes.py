@@ -5,7 +5,6 @@ Imports torch and triton only.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import struct
@@ -33,7 +32,6 @@ def written_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
 
 
-@functools.lru_cache(maxsize=64)
 def float32_pair(value: float, op: str, name: str) -> tuple[float, float]:
     """``value`` as hi + lo, two float32s: Triton passes Python floats as float32, and float64
     arithmetic needs more than float32's 24 bits. A finite value beyond float32's range is refused,

@@ -72,7 +72,7 @@ def test_from_torchvision_backbone():
     pred = model(x)
     assert pred.exit.tolist() == [3, 3, 3]
     torch.testing.assert_close(pred.logits, backbone(x))
-    with pytest.raises(ValueError, match="torchvision-style ResNet"):
+    with pytest.raises(ValueError, match="expected a torchvision classification network"):
         EENet.from_backbone(nn.Linear(3, 3))
 
 

@@ -101,7 +101,7 @@ def test_readme_python_examples_run():
     """Every Python example of the README runs as written."""
     readme = (ROOT / "README.md").read_text()
     blocks = [textwrap.dedent(part.split("```", 1)[0]) for part in readme.split("```python\n")[1:]]
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)
@@ -112,6 +112,10 @@ def test_readme_python_examples_run():
             kept = namespace["confidence"] < 0.5
             assert torch.equal(namespace["index"], torch.arange(8)[kept])
             assert torch.equal(namespace["out_exit"] == 0, ~kept)
+        elif "from_backbone" in block:  # the network's own blocks and classifier, its weights shared
+            model, backbone = namespace["model"], namespace["backbone"]
+            assert model.classifier[-1] is backbone.classifier and len(model.exits) == 2
+            assert namespace["prediction"].exit.shape == (4,) and len(namespace["small"].exits) == 1
         else:
             assert torch.equal(namespace["pred"].exit, namespace["same"].exit)
             assert namespace["model"].exit_positions == [1, 4]
