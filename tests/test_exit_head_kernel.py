@@ -764,16 +764,25 @@ def test_vector_width_promise(label):
 
 @pytest.mark.parametrize("variant", ["heads by torch's linear layers", "merge kernel always", "no split work",
                                      "running update by torch", "no 16-byte vectors"])
-def test_each_variant_turned_off_still_matches_the_reference(variant):
+def test_each_variant_turned_off_still_matches_the_reference(variant, monkeypatch):
     """benchmarks/exit_head_variants.py times the exit head with each device-side variant turned off
     (the measurement that decides which stay): the code it times then still gives the reference's
     outputs, gradients and running statistics. B=17, C=2, 16x16 splits the statistics 3 ways."""
     from benchmarks.exit_head_variants import VARIANTS, turned_off
 
+    launches = record_launches(monkeypatch)
     with turned_off(VARIANTS[variant]):
         params, bn = make((17, 2, 16, 16, 3), "bnpool", torch.float64, training=True)
         bn_reference = clone_bn(bn)
         outputs, grads = run("triton", params, bn, "bnpool")
+    took_effect = {  # what each variant turned off changes in the launches
+        "heads by torch's linear layers": lambda: all(not c["HEADS"] for n, _, c in launches if "HEADS" in c),
+        "merge kernel always": lambda: any(n == "batch_stats_merge" for n, _, _ in launches),
+        "no split work": lambda: all(grid[1:] in ((), (1,)) for n, grid, _ in launches),
+        "running update by torch": lambda: all(not c.get("UPDATE") for _, _, c in launches),
+        "no 16-byte vectors": lambda: all(c.get("VEC", 1) == 1 for _, _, c in launches),
+    }[variant]
+    assert launches and took_effect(), launches
     ref_outputs, ref_grads = run("reference", params, bn_reference, "bnpool")
     for got, want in zip(outputs + grads + [bn.running_mean, bn.running_var],
                          ref_outputs + ref_grads + [bn_reference.running_mean, bn_reference.running_var]):
