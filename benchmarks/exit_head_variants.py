@@ -18,14 +18,13 @@ B=64, C=256, 56x56), fp32 and bf16, NCHW and channels_last where they were measu
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 import triton
 
 import eefast
+from benchmarks.profile_exit_head import replay_us
 from benchmarks.workloads import exit_block_training_step
-from eefast.graphs import capture
 from eefast.kernels import exit_head
 from eefast.kernels.exit_head import backward, common, forward, op, statistics
 
@@ -67,22 +66,14 @@ def turned_off(changes):
             setattr(module, name, value)
 
 
-def replay_us(kind, dtype, batch, channels, size, classes, channels_last, replays=500) -> float:
+def step_replay_us(kind, dtype, batch, channels, size, classes, channels_last) -> float:
+    """Microseconds per graph replay of an ExitBlock training step on this shape."""
     torch.manual_seed(0)
     block = eefast.ExitBlock(channels, classes, kind, impl="triton").cuda().to(dtype).train()
     x = torch.randn(batch, channels, size, size, device="cuda", dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    step = exit_block_training_step(block, x.requires_grad_())
-    graph = capture(lambda: tuple(step()))
-    for _ in range(20):
-        graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / replays * 1e6
+    return replay_us(exit_block_training_step(block, x.requires_grad_()), replays=500)
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
         times = {}
         for name, changes in VARIANTS.items():
             with turned_off(changes):
-                times[name] = replay_us(*shape)
+                times[name] = step_replay_us(*shape)
         base = times["as is"]
         print(f"  {label:<46}" + "".join(f" {us:>7.1f} ({us / base:4.2f})" for us in times.values()))
 

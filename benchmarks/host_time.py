@@ -27,6 +27,7 @@ import triton  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import eefast  # noqa: E402
+from benchmarks import profile_exit_head  # noqa: E402
 from benchmarks.workloads import exit_block_training_step  # noqa: E402
 from eefast import ops  # noqa: E402
 
@@ -66,21 +67,9 @@ def loss_step(classes: int):
 def custom_op_step(kind: str):
     """The exit head's training step through its custom op, as torch.compile calls it (batch
     statistics for bnpool; no running-statistics update): what ExitHeadFunction's path saves."""
-    from eefast.kernels.exit_head import exit_head_fused
-    from benchmarks.workloads import upstream_gradients
-
     torch.manual_seed(0)
     block = eefast.ExitBlock(64, 10, kind, impl="triton").train()
-    x = torch.randn(256, 64, 8, 8, requires_grad=True)
-    heads = (block.classifier.weight, block.classifier.bias, block.confidence.weight, block.confidence.bias)
-    bn = block.bn
-    bn_args = (None, None, None, None, 0.0) if bn is None else (bn.weight, bn.bias, None, None, bn.eps)
-    params, grad_outputs = [x, *block.parameters()], upstream_gradients(block, x)
-
-    def step():
-        logits, conf, _, _ = exit_head_fused(x, *heads, *bn_args, bn is not None, bn is not None)
-        return torch.autograd.grad((logits, conf), params, grad_outputs)
-    return step
+    return profile_exit_head.custom_op_step(block, torch.randn(256, 64, 8, 8, requires_grad=True))
 
 
 def loss_custom_op_step():

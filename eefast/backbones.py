@@ -111,8 +111,7 @@ def _timm_backbone(model: nn.Module) -> Backbone:
     """Blocks at timm's feature_info stages: every module forward_features calls, in order, up to and
     including each stage's feature module (a child named ``a`` or one of a child's children
     ``a.b``, every one of which is then a stage), a stage that is an nn.Sequential cut after each
-    of its blocks; forward_head is the
-    classifier. Checked against the model's forward."""
+    of its blocks; forward_head is the classifier. Checked against the model's forward."""
     input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     training = model.training
