@@ -32,7 +32,7 @@ from eefast.checkpoint import load_checkpoint, model_from_checkpoint
 from eefast.data import load_dataset
 from eefast.evaluate import budget_table, collect_exits, fit_temperatures, thresholds_for_final_accuracy
 from eefast.policies import EXIT_POLICIES
-from eefast.train import RECIPES, TrainConfig, exit_phase_start, train
+from eefast.train import RECIPES, TrainConfig, train, training_phases
 
 SEEDS = (0, 1, 2)
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -98,7 +98,7 @@ def config_for(label: str, seed: int, root: Path) -> TrainConfig:
     options.setdefault("epochs", EPOCHS[family])
     config = TrainConfig(seed=seed, out=str(run_dir(root, label, seed)), quiet=True, plots=False, exit_epochs=5,
                          **options)
-    if exit_phase_start(config) is not None and options["model"].startswith("eenet"):
+    if training_phases(config)[0].kind == "backbone" and len(training_phases(config)) > 1 and options["model"].startswith("eenet"):
         config.epochs += config.exit_epochs  # the backbone trains as long as the plain baseline
     return config
 

@@ -19,6 +19,7 @@ from eefast.data import DATASETS, load_dataset
 from eefast.evaluate import (THRESHOLD_GRID, budget_table, calibrate, collect_exits, evaluate,
                              exit_outputs, threshold_sweep)
 from eefast.models import create_model
+from eefast.models.external import is_external
 from eefast.placement import DISTRIBUTIONS
 from eefast.policies import EXIT_POLICIES
 from eefast.train import (LR_SCHEDULES, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig, check_config, check_output_dir,
@@ -106,9 +107,11 @@ def info(args: argparse.Namespace) -> int:
     return 0 if report["self_check"].startswith("ok") else 1
 
 
-def _add_model_args(parser: argparse.ArgumentParser, model_default: str | None = "eenet8") -> None:
-    parser.add_argument("--model", default=model_default, required=model_default is None,
-                        help="registered model name (see eefast.list_models())")
+def _add_model_args(parser: argparse.ArgumentParser, model_default: str | None = "eenet8",
+                    required: bool = False) -> None:
+    parser.add_argument("--model", default=model_default, required=required,
+                        help="registered model name (see eefast.list_models()), or torchvision:NAME / timm:NAME"
+                             + ("" if required else " (default: eenet8)"))
     parser.add_argument("--exits", type=int, help="number of early exits (default: the model's)")
     parser.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), help="exit placement")
     parser.add_argument("--exit-type", choices=list(reference.EXIT_KINDS), help="exit block type")
@@ -118,6 +121,18 @@ def _add_model_args(parser: argparse.ArgumentParser, model_default: str | None =
 def _train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k.replace("-", "_"): v for k, v in vars(args).items() if k.replace("-", "_") in fields}
+    if args.backbone is not None:
+        if args.model is not None:
+            raise ValueError(f"expected --model or --backbone, got both (--model {args.model} --backbone {args.backbone})")
+        if not is_external(args.backbone):
+            raise ValueError(f"--backbone: expected torchvision:NAME or timm:NAME, got {args.backbone!r}")
+        values["model"] = args.backbone
+    values["model"] = values.get("model") or "eenet8"
+    if args.freeze_backbone:
+        if args.schedule not in (None, "frozen-backbone"):
+            raise ValueError(f"--freeze-backbone trains the exits on a frozen backbone; expected no other --schedule, "
+                             f"got --schedule {args.schedule}")
+        values["schedule"] = "frozen-backbone"
     values.update(overrides)
     if isinstance(values.get("threshold"), list):
         values["threshold"] = _parse_thresholds(values["threshold"])
@@ -125,7 +140,15 @@ def _train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    _add_model_args(parser)
+    _add_model_args(parser, model_default=None)
+    parser.add_argument("--backbone", help="a torchvision or timm network instead of --model: torchvision:NAME or "
+                        "timm:NAME (e.g. torchvision:mobilenet_v3_small), cut at its blocks")
+    parser.add_argument("--weights", help="--backbone's weights: a local state dict or checkpoint file, or the "
+                        "library's named weights (torchvision: DEFAULT, IMAGENET1K_V1 ...; timm: pretrained or a tag), "
+                        "which need internet; the last linear layer may be of another number of classes")
+    parser.add_argument("--freeze-backbone", action="store_true",
+                        help="train the exits and the final classifier alone: the backbone's weights and batch-norm "
+                             "statistics stay bit-identical (--schedule frozen-backbone)")
     parser.add_argument("--dataset", default="mnist-sample", choices=list(DATASETS))
     parser.add_argument("--data-root", default="data", help="where torchvision / folder datasets live")
     parser.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
@@ -145,11 +168,15 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-schedule", default="cosine", choices=list(LR_SCHEDULES),
                         help="learning rate over each phase of the schedule")
     parser.add_argument("--schedule", choices=list(SCHEDULES),
-                        help="joint (every part from the start), backbone-first (then the exits alone on the "
-                             "frozen backbone for the last --exit-epochs) or backbone-then-joint (then every part "
-                             "together); the recipe's")
-    parser.add_argument("--exit-epochs", type=int, help="backbone-first: epochs of the exits' phase (a sixth of --epochs)")
-    parser.add_argument("--exit-lr", type=float, help="backbone-first: learning rate of the exits' phase (10 x --lr)")
+                        help="joint (every part from the start), backbone-first (the backbone alone, then the exits "
+                             "alone on the frozen backbone for the last --exit-epochs), backbone-then-joint (then every "
+                             "part together), frozen-backbone (the exits and the final classifier on the frozen "
+                             "stages: --freeze-backbone) or exits-then-joint (so for the first --exit-epochs, then "
+                             "every part together); the recipe's")
+    parser.add_argument("--exit-epochs", type=int, help="two-phase schedules: epochs of the exits' phase (a sixth of "
+                        "--epochs)")
+    parser.add_argument("--exit-lr", type=float, help="learning rate of phases that train the exits on a frozen "
+                        "backbone (10 x --lr)")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="no training-set augmentation (random shifts / crops)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -447,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.set_defaults(run=predict_command)
 
     profile_parser = commands.add_parser("profile", help="per-exit FLOPs, costs and parameters of a model")
-    _add_model_args(profile_parser, model_default=None)
+    _add_model_args(profile_parser, model_default=None, required=True)
     profile_parser.add_argument("--num-classes", type=int)
     profile_parser.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"))
     profile_parser.add_argument("--json", action="store_true")

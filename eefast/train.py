@@ -21,6 +21,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,14 @@ from eefast.data import load_dataset
 from eefast.eenet import EENet, EENetLoss
 from eefast.evaluate import EvalResult, calibrate, evaluate
 from eefast.models import create_model
+from eefast.models.external import is_external
 from eefast.models.registry import check_model_args
 
 
 @dataclass
 class TrainConfig:
-    model: str = "eenet8"
+    model: str = "eenet8"  # a registered name, or torchvision:NAME / timm:NAME (eefast.models.external)
+    weights: str | None = None  # torchvision / timm networks: a state dict file, or the library's named weights
     dataset: str = "mnist-sample"
     data_root: str = "data"
     download: bool = False
@@ -58,8 +61,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     lr_schedule: str = "cosine"  # or "constant"; per phase of the schedule
     schedule: str | None = None  # SCHEDULES; None: the recipe's
-    exit_epochs: int | None = None  # backbone-first: the last epochs, which train the exits alone (None: epochs / 6)
-    exit_lr: float | None = None  # backbone-first: the exits' phase's learning rate (None: 10 x lr)
+    exit_epochs: int | None = None  # two-phase schedules: the epochs of the exits' phase (None: epochs / 6)
+    exit_lr: float | None = None  # the learning rate of phases that train the exits on a frozen backbone (10 x lr)
     augment: bool = True
     batch_size: int = 64
     epochs: int = 30
@@ -242,7 +245,10 @@ def check_config(config: TrainConfig) -> None:
         ("--optimizer", config.optimizer, config.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
         ("--lr-schedule", config.lr_schedule, config.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
         ("--recipe", config.recipe, config.recipe in RECIPES, f"one of {list(RECIPES)}"),
-        ("--schedule", config.schedule, config.schedule is None or config.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+        ("--schedule", config.schedule, config.schedule is None or config.schedule in SCHEDULES,
+         f"one of {list(SCHEDULES)}"),
+        ("--weights", config.weights, config.weights is None or (isinstance(config.weights, str) and config.weights),
+         "a file or a named weight"),
     ]
     for option, value, valid, expected in checks:
         if not valid:
@@ -256,6 +262,9 @@ def check_config(config: TrainConfig) -> None:
     extra = {"num_exits": config.exits, "distribution": config.distribution, "exit_type": config.exit_type,
              "filters": config.filters, **config.extra}
     check_model_args(config.model, {k: v for k, v in extra.items() if v is not None})
+    if config.weights is not None and not is_external(config.model):
+        raise ValueError(f"--weights: expected a torchvision:NAME or timm:NAME network (--backbone), got --model "
+                         f"{config.model} (its checkpoints carry its weights: eefast eval / --resume read them)")
     parse_device(config.device)
     out = Path(config.out)
     check_output_dir(out)
@@ -331,12 +340,34 @@ def model_kwargs(config: TrainConfig, num_classes: int, input_shape) -> dict:
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
-# joint: every part trains together from the start (the thesis's single-stage training).
-# backbone-first: the backbone and its classifier train alone on the final exit's cross-entropy,
-# then, for the last ``exit_epochs``, the exits alone on the frozen backbone (its weights and
-# batch-norm statistics stay as they are), as SDN trains its internal classifiers.
-# backbone-then-joint: the same first phase, then every part together for the last ``exit_epochs``.
-SCHEDULES = ("joint", "backbone-first", "backbone-then-joint")
+# What each kind of training phase trains; the rest is frozen (no gradients, and batch norm keeps
+# its statistics: the frozen parts run in eval mode).
+# joint: every part, on the EENet loss (the thesis's single-stage training).
+# backbone: the backbone and its classifier alone, on the final exit's cross-entropy (the plain network's training).
+# exits: the early exits alone, on the frozen backbone and classifier (SDN trains its internal classifiers so).
+# heads: the early exits and the final classifier, on the frozen stages (a pretrained feature extractor).
+PHASE_KINDS = ("joint", "backbone", "exits", "heads")
+# The phases of each schedule, in order. A two-phase schedule gives its exits' phase (exits or heads)
+# ``exit_epochs`` (a sixth of the run by default): the last ones after the backbone's phase, the
+# first ones before exits-then-joint's joint phase. frozen-backbone (--freeze-backbone) trains the
+# exits and the final classifier on a backbone that stays bit-identical.
+SCHEDULES = {
+    "joint": ("joint",),
+    "backbone-first": ("backbone", "exits"),
+    "backbone-then-joint": ("backbone", "joint"),
+    "frozen-backbone": ("heads",),
+    "exits-then-joint": ("heads", "joint"),
+}
+
+
+PHASE_NAMES = {"joint": "joint training", "backbone": "the backbone alone", "exits": "the exits alone",
+               "heads": "the exits and classifier on the frozen stages"}
+
+
+class Phase(NamedTuple):
+    kind: str  # PHASE_KINDS
+    start: int  # its first epoch
+    end: int  # the epoch after its last
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -349,33 +380,41 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> 
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
-def exit_phase_start(config: TrainConfig, has_exits: bool = True) -> int | None:
-    """The first epoch of the exits' phase (backbone-first, backbone-then-joint), or None (joint).
-    ``exit_epochs`` defaults to a sixth of the run (at least 1); a run of one epoch cannot be split
-    and trains jointly unless ``exit_epochs`` is given."""
-    if recipe_value(config, "schedule") == "joint" or not has_exits:
-        return None
-    if config.exit_epochs is None:
-        return None if config.epochs < 2 else config.epochs - max(1, round(config.epochs / 6))
-    return config.epochs - config.exit_epochs
+def training_phases(config: TrainConfig, has_exits: bool = True) -> list[Phase]:
+    """The run's phases under its schedule. A model without early exits, and a run of one epoch
+    without ``exit_epochs``, cannot split a backbone's phase from an exits' one: they train jointly
+    (the frozen-backbone schedules still freeze the stages)."""
+    kinds = SCHEDULES[recipe_value(config, "schedule")]
+    epochs = config.epochs
+    if kinds[0] == "backbone" and not has_exits:
+        kinds = ("joint",)
+    if len(kinds) == 1:
+        return [Phase(kinds[0], 0, epochs)]
+    if config.exit_epochs is None and epochs < 2:
+        return [Phase("joint", 0, epochs)]
+    exit_epochs = max(1, round(epochs / 6)) if config.exit_epochs is None else config.exit_epochs
+    split = exit_epochs if kinds[0] == "heads" else epochs - exit_epochs
+    return [Phase(kinds[0], 0, split), Phase(kinds[1], split, epochs)]
 
 
-def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int, split: int | None = None) -> float:
-    """The learning rate of a step: constant, or cosine-annealed from ``lr`` to 0 over each phase
-    (the whole run, or the two phases of backbone-first and backbone-then-joint). A function of the step alone, so a resumed
-    run needs no scheduler state. ``split``: the first epoch of the exits' phase, if any."""
+def phase_at(phases: list[Phase], epoch: int) -> Phase:
+    return next(p for p in phases if p.start <= epoch < p.end)
+
+
+def learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int,
+                  phases: list[Phase] | None = None) -> float:
+    """The learning rate of a step: constant, or cosine-annealed from ``lr`` to 0 over each phase.
+    A function of the step alone, so a resumed run needs no scheduler state."""
+    phase = phase_at(phases or [Phase("joint", 0, config.epochs)], epoch)
     lr = config.lr
-    if split is not None and epoch >= split and recipe_value(config, "schedule") == "backbone-first":
+    if phase.kind in ("exits", "heads"):
         # the exits alone are linear heads on small pooled features of a frozen backbone: at the
         # backbone's rate they barely move in a few epochs (EENet-8's exits, 3 epochs, validation:
         # 14 % / 18 % at 2e-3, 22 % / 52 % at 2e-2; benchmarks/results/mnist_sample_exits.md)
         lr = 10 * config.lr if config.exit_lr is None else config.exit_lr
     if config.lr_schedule == "constant":
         return lr
-    start, end = 0, config.epochs
-    if split is not None:
-        start, end = (split, config.epochs) if epoch >= split else (0, split)
-    progress = ((epoch - start) * steps_per_epoch + step) / max((end - start) * steps_per_epoch, 1)
+    progress = ((epoch - phase.start) * steps_per_epoch + step) / max((phase.end - phase.start) * steps_per_epoch, 1)
     return 0.5 * lr * (1.0 + math.cos(math.pi * progress))
 
 
@@ -502,7 +541,8 @@ class Trainer:
                                    config.val_fraction, augment=config.augment)
         kwargs = model_kwargs(config, self.splits.num_classes, self.splits.input_shape)
         torch.manual_seed(config.seed)
-        self.model = create_model(config.model, **{**kwargs, "input_shape": tuple(kwargs["input_shape"])})
+        weights = {"weights": config.weights} if config.weights is not None and not config.resume else {}
+        self.model = create_model(config.model, **{**kwargs, "input_shape": tuple(kwargs["input_shape"])}, **weights)
         self.model.to(self.device)
         self.model.policy = recipe_value(config, "policy")
         self.fixed_threshold = recipe_value(config, "threshold")  # None: calibrated after each epoch
@@ -511,7 +551,7 @@ class Trainer:
         if self.fixed_threshold is not None:
             self.model.threshold = self.fixed_threshold
         self.criterion = build_loss(config)
-        self.exit_phase = exit_phase_start(config, has_exits=len(self.model.exits) > 0)
+        self.phases = training_phases(config, has_exits=len(self.model.exits) > 0)
         self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr, config.weight_decay)
         self.payload = {"model_name": config.model, "model_kwargs": kwargs, "config": asdict(config)}
 
@@ -526,8 +566,8 @@ class Trainer:
         if self.dist.world_size > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
-                # backbone-first leaves the exits, then the backbone, without gradients
-                find_unused_parameters=self.exit_phase is not None,
+                # phases that freeze a part leave its parameters without gradients
+                find_unused_parameters=any(phase.kind != "joint" for phase in self.phases),
             )
 
     def _resume(self) -> None:
@@ -583,8 +623,7 @@ class Trainer:
             print(f"{config.model} on {config.dataset} ({len(self.splits.train)} train / {len(self.splits.val)} val / "
                   f"{len(self.splits.test)} test), exits after blocks {model.exit_positions}, costs [{costs}], "
                   f"recipe {config.recipe} (loss {config.loss} lam {config.lam}, "
-                  + ("joint training" if self.exit_phase is None else
-                     f"backbone first, exits alone from epoch {self.exit_phase + 1}")
+                  + ", then ".join(f"{PHASE_NAMES[p.kind]} for epochs {p.start + 1}-{p.end}" for p in self.phases)
                   + f", exit policy {model.policy}), device {self.device}"
                   + (f", {self.dist.world_size} processes" if self.dist.world_size > 1 else ""))
         if self.dist.is_main:
@@ -623,13 +662,14 @@ class Trainer:
         """One pass over the training split; returns the mean (loss, ce, cost) over its samples."""
         model, criterion, optimizer = self.model, self._criterion(epoch), self.optimizer
         model.train()
-        split = self.exit_phase
-        backbone_phase = split is not None and epoch < split
-        exits_phase = split is not None and epoch >= split and recipe_value(self.config, "schedule") == "backbone-first"
-        for part in (*model.stages, model.classifier):  # frozen while the exits train alone
-            part.requires_grad_(not exits_phase)
-            part.train(not exits_phase)
-        model.exits.requires_grad_(not backbone_phase)  # no zero gradients for weight decay to act on
+        kind = phase_at(self.phases, epoch).kind
+        frozen = {"joint": (), "backbone": (model.exits,), "exits": (*model.stages, model.classifier),
+                  "heads": tuple(model.stages)}[kind]
+        model.requires_grad_(True)
+        for part in frozen:  # no gradients (none for weight decay to act on); batch norm keeps its statistics
+            part.requires_grad_(False)
+            if kind != "backbone":  # (the exits' statistics are trained again after the backbone's phase)
+                part.eval()
         sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, cost (sample-weighted)
         samples, skip = 0, 0
         if self.position is not None and self.position["epoch"] == epoch:  # go on where the run stopped
@@ -656,7 +696,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(self.config, epoch, step, steps, self.exit_phase)
+                group["lr"] = learning_rate(self.config, epoch, step, steps, self.phases)
             optimizer.step()
             sums += values * x.shape[0]
             samples += x.shape[0]
@@ -666,9 +706,9 @@ class Trainer:
         return _reduce_mean(sums / max(samples, 1), self.dist)
 
     def _criterion(self, epoch: int):
-        """The objective of the epoch's phase: backbone-first's first phase trains the backbone and
-        its classifier on the final exit's cross-entropy, as the plain network trains."""
-        if self.exit_phase is not None and epoch < self.exit_phase:
+        """The objective of the epoch's phase: a backbone's phase trains the backbone and its
+        classifier on the final exit's cross-entropy, as the plain network trains."""
+        if phase_at(self.phases, epoch).kind == "backbone":
             return FinalExitLoss()
         return self.criterion
 
@@ -699,7 +739,7 @@ class Trainer:
         if self.fixed_threshold is None and model.exits:  # the thresholds this epoch's weights call for
             calibrate(model, splits.val, self.device, budget=self.config.budget, max_drop=self.config.max_drop)
         val = evaluate(model, splits.val, self.device)
-        if epoch == self.exit_phase:  # the exits' phase: its own objective from here on
+        if epoch > 0 and any(phase.start == epoch for phase in self.phases):  # a phase: its own objective from here on
             self.best_loss, self.stale_epochs = math.inf, 0
         improved = val_loss < self.best_loss - self.config.min_delta
         self.best_loss, self.stale_epochs = (val_loss, 0) if improved else (self.best_loss, self.stale_epochs + 1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import eefast
 from eefast import reference
 from eefast.data import RandomShift
-from eefast.train import RECIPES, TrainConfig, build_loss, learning_rate, recipe_value
+from eefast.train import RECIPES, Phase, TrainConfig, build_loss, learning_rate, recipe_value, training_phases
 
 
 def _outputs(seed: int = 0, exits: int = 3, batch: int = 16, classes: int = 10):
@@ -90,8 +90,9 @@ def test_recipes_and_overrides():
     with pytest.raises(ValueError, match="no loss term would train the classifiers"):
         build_loss(TrainConfig(exit_weight=0.0))
     # backbone-then-joint: its second phase trains every part at --lr; backbone-first's exits at --exit-lr
-    joint_after = TrainConfig(lr=0.01, epochs=4, schedule="backbone-then-joint")
-    assert learning_rate(joint_after, 3, 0, 10, split=3) == 0.01
+    joint_after = TrainConfig(lr=0.01, epochs=4, exit_epochs=1, schedule="backbone-then-joint")
+    assert training_phases(joint_after) == [Phase("backbone", 0, 3), Phase("joint", 3, 4)]
+    assert learning_rate(joint_after, 3, 0, 10, training_phases(joint_after)) == 0.01
     with pytest.raises(ValueError, match=r"unknown recipe 'sdn'; expected one of \['thesis', 'eefast'\]"):
         build_loss(TrainConfig(recipe="sdn"))
 
@@ -130,7 +131,7 @@ def test_backbone_first_trains_the_backbone_then_the_exits_alone(tmp_path):
                          quiet=True, plots=False, out=str(tmp_path))
     trainer = Trainer(config)
     model = trainer.model
-    assert trainer.exit_phase == 1
+    assert trainer.phases == [Phase("backbone", 0, 1), Phase("exits", 1, 2)]
     exits_before = {k: v.clone() for k, v in model.exits.state_dict().items()}
     with Interruption() as interruption:
         trainer._train_epoch(0, interruption)  # the backbone phase: the exits do not move
@@ -141,10 +142,11 @@ def test_backbone_first_trains_the_backbone_then_the_exits_alone(tmp_path):
     assert all(torch.equal(after[k], v) for k, v in backbone.items())
     assert all(not torch.equal(model.exits.state_dict()[k], v) for k, v in exits_before.items())
     # the learning rate restarts its cosine in each phase
-    assert learning_rate(config, 1, 0, 10, split=1) == 10 * config.lr  # the exits' phase: --exit-lr
+    phases = trainer.phases
+    assert learning_rate(config, 1, 0, 10, phases) == 10 * config.lr  # the exits' phase: --exit-lr
     config.exit_lr = 0.5
-    assert learning_rate(config, 1, 0, 10, split=1) == 0.5
-    assert learning_rate(config, 0, 5, 10, split=1) == pytest.approx(config.lr / 2)
+    assert learning_rate(config, 1, 0, 10, phases) == 0.5
+    assert learning_rate(config, 0, 5, 10, phases) == pytest.approx(config.lr / 2)
     with pytest.raises(ValueError, match=r"expected 0 < --exit-epochs < --epochs \(2\), got 2"):
         Trainer(TrainConfig(model="eenet8", epochs=2, exit_epochs=2, out=str(tmp_path)))
 

@@ -89,6 +89,7 @@ MODEL_ARGS: dict[str, Callable[[str, object], None]] = {
     "threshold": _thresholds,
     "exit_positions": _positions,
     "policy": _text,
+    "weights": _text,
 }
 COMMON_ARGS = ("num_classes", "input_shape", "num_exits", "distribution", "exit_type", "threshold", "exit_positions",
                "policy")
@@ -111,20 +112,41 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, args: Sequence
     return register if fn is None else register(fn)
 
 
+def _external(name: str) -> bool:
+    from eefast.models.external import is_external
+
+    return is_external(name)
+
+
 def check_model_args(name: str, kwargs: dict) -> None:
-    """Raises ValueError unless ``name`` is registered and every argument is one a model takes,
-    of the right type and within its limit; builds nothing."""
-    if name not in _MODELS:
-        raise ValueError(f"create_model: unknown model {name!r}; expected one of {list_models()}")
+    """Raises ValueError unless ``name`` is registered (or names a torchvision / timm network:
+    ``eefast.models.external``) and every argument is one a model takes, of the right type and
+    within its limit; builds nothing."""
+    if _external(name):
+        from eefast.models.external import check_external_name
+
+        check_external_name(name)
+        takes = (*COMMON_ARGS, "weights")
+    elif name not in _MODELS:
+        raise ValueError(f"create_model: unknown model {name!r}; expected one of {list_models()}, or "
+                         "torchvision:NAME / timm:NAME")
+    else:
+        takes = _ARGS[name]
     for key, value in kwargs.items():
-        if key not in _ARGS[name]:
+        if key not in takes:
             raise ValueError(f"create_model: unexpected argument {key!r} for {name!r}; expected some of "
-                             f"{sorted(_ARGS[name])}")
+                             f"{sorted(takes)}")
         MODEL_ARGS[key](key, value)
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Builds the registered model ``name``; ``kwargs`` override its defaults (``num_classes``,
+    """Builds the registered model ``name``, or the EENet over a library's network
+    (``"torchvision:mobilenet_v3_small"``, ``"timm:resnet18"``; ``weights=`` a file or the
+    library's named weights); ``kwargs`` override its defaults (``num_classes``,
     ``input_shape``, ``num_exits``, ``distribution``, ``exit_type``, ``threshold``, ...)."""
     check_model_args(name, kwargs)
+    if _external(name):
+        from eefast.models.external import external_eenet
+
+        return external_eenet(name, **kwargs)
     return _MODELS[name](**kwargs)
