@@ -98,7 +98,8 @@ def config_for(label: str, seed: int, root: Path) -> TrainConfig:
     options.setdefault("epochs", EPOCHS[family])
     config = TrainConfig(seed=seed, out=str(run_dir(root, label, seed)), quiet=True, plots=False, exit_epochs=5,
                          **options)
-    if training_phases(config)[0].kind == "backbone" and len(training_phases(config)) > 1 and options["model"].startswith("eenet"):
+    phases = training_phases(config)
+    if len(phases) > 1 and phases[0].kind == "backbone" and options["model"].startswith("eenet"):
         config.epochs += config.exit_epochs  # the backbone trains as long as the plain baseline
     return config
 

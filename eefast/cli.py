@@ -367,6 +367,16 @@ def _predict(args: argparse.Namespace, out: Path, payload: dict, model, distribu
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from eefast.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, format=args.format)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"wrote {out}: {len(manifest['segments'])} segment programs, manifest.json and deploy.py (run them with "
+          f"numpy and onnxruntime alone: deploy.ExportedEENet({str(out)!r}).predict(x))")
+    return 0
+
+
 def _checkpoint_splits(payload: dict, dataset: str | None = None, data_root: str | None = None, where: str = "checkpoint"):
     """The splits of the dataset a checkpoint was trained on (its validation split too), or of
     ``dataset`` / ``data_root`` where given; the checkpoint's settings are checked first."""
@@ -472,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--device", default="auto")
     predict_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     predict_parser.set_defaults(run=predict_command)
+
+    export_parser = commands.add_parser(
+        "export", help="a checkpoint as one ONNX program per segment, a manifest and the deploy runtime")
+    export_parser.add_argument("--checkpoint", required=True)
+    export_parser.add_argument("--format", default="onnx", choices=["onnx"])
+    export_parser.add_argument("--out", required=True, help="directory for segment_N.onnx, manifest.json, deploy.py")
+    export_parser.set_defaults(run=export_command)
 
     profile_parser = commands.add_parser("profile", help="per-exit FLOPs, costs and parameters of a model")
     _add_model_args(profile_parser, model_default=None, required=True)

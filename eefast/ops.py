@@ -12,6 +12,7 @@ CPU tensors needs ``TRITON_INTERPRET=1`` set before eefast is imported.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -322,7 +323,7 @@ def exit_head(
         raise ValueError(f"exit_head: expected kind in {reference.EXIT_KINDS}, got {kind!r}")
     if x.dim() != 4:
         raise ValueError(f"exit_head: expected x of shape [B, C, H, W], got {list(x.shape)}")
-    features = x[0].numel() if kind == "plain" else x.shape[1]
+    features = math.prod(x.shape[1:]) if kind == "plain" else x.shape[1]  # (x[0] fails on 0 rows)
     if cls_weight.dim() != 2 or cls_weight.shape[1] != features:
         raise ValueError(
             f"exit_head: expected cls_weight of shape [K, {features}] for a {kind} exit on {list(x.shape[1:])} "

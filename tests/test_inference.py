@@ -79,9 +79,10 @@ def test_compaction_skips_the_stages_nobody_reaches():
         h.remove()
 
 
+@pytest.mark.parametrize("exit_type", ["pool", "plain"])
 @pytest.mark.parametrize("mode", MODES)
-def test_batch_of_one_and_empty_batch(mode):
-    model = warmed_model("eenet8")
+def test_batch_of_one_and_empty_batch(mode, exit_type):
+    model = warmed_model("eenet8", exit_type=exit_type)
     x = torch.randn(5, *model.input_shape)
     full = model.predict(x, mode="mask")
     for i in range(5):

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import eefast
@@ -97,15 +98,23 @@ print("CUDA" if "CUDA: registered" in dump else "CPU")
     assert result.stdout.strip() in {"CPU", "CUDA"}
 
 
-def test_readme_python_examples_run():
-    """Every Python example of the README runs as written."""
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every Python example of the README runs as written (in an empty directory)."""
     readme = (ROOT / "README.md").read_text()
     blocks = [textwrap.dedent(part.split("```", 1)[0]) for part in readme.split("```python\n")[1:]]
-    assert len(blocks) == 4
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "deploy", raising=False)
     for block in blocks:
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)
-        if "EENetStream" in block:
+        if "export_onnx" in block:  # ONNX Runtime's exits are predict's, its logits within 1e-4
+            served, want = namespace["served_prediction"], namespace["torch_prediction"]
+            assert np.array_equal(served.exit, want.exit.numpy()) and len(set(served.exit.tolist())) > 1
+            np.testing.assert_allclose(served.logits, want.logits.numpy(), rtol=0, atol=1e-4)
+            sys.modules.pop("deploy")
+        elif "EENetStream" in block:
             want = namespace["model"].predict(namespace["images"]).exit
             assert torch.equal(torch.cat([p.exit for p in namespace["predictions"]]), want)
         elif "compact_exits" in block:
@@ -116,9 +125,30 @@ def test_readme_python_examples_run():
             model, backbone = namespace["model"], namespace["backbone"]
             assert model.classifier[-1] is backbone.classifier and len(model.exits) == 2
             assert namespace["prediction"].exit.shape == (4,) and len(namespace["small"].exits) == 1
+            assert len(namespace["timm_model"].exits) == 2
         else:
             assert torch.equal(namespace["pred"].exit, namespace["same"].exit)
             assert namespace["model"].exit_positions == [1, 4]
+
+
+def test_readme_pretrained_backbone_commands_run(tmp_path):
+    """The README's frozen-backbone and export commands run as written, from weights saved where
+    they say (``mobilenet.pth``, here random: what is tested is the job, not the accuracy)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("**Training on a pretrained backbone.**", 1)[1]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert [c.split()[:2] for c in commands] == [["eefast", "train"], ["eefast", "export"]]
+    torch.manual_seed(0)
+    import torchvision
+
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), tmp_path / "mobilenet.pth")
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "eefast", *command.split()[1:], *(
+            ["--quiet", "--no-plots"] if command.split()[1] == "train" else [])], capture_output=True, text=True,
+            cwd=tmp_path, timeout=900)
+        assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "runs/mobilenet/onnx/manifest.json").read_text())
+    assert len(manifest["segments"]) == 4 and (tmp_path / "runs/mobilenet/onnx/deploy.py").is_file()
 
 
 def setup_py(*args: str, **env: str) -> subprocess.CompletedProcess:
