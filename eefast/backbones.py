@@ -193,8 +193,9 @@ def cut_backbone(model: nn.Module) -> Backbone:
     if classes and isinstance(model, classes["densenet"]):  # its forward: features, ReLU, pooling, classifier
         children = list(model.features.children())
         stem_end = next(i for i, m in enumerate(children) if type(m).__name__ == "_DenseBlock")
-        blocks = [nn.Sequential(*children[:stem_end]), *children[stem_end:-1]]
-        return _backbone(blocks, children[-1], nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
+        blocks = [nn.Sequential(*children[:stem_end]), *children[stem_end:-2],
+                  nn.Sequential(*children[-2:])]  # the last dense block and the final batch norm (the features')
+        return _backbone(blocks, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
     if classes and isinstance(model, classes["convnext"]):  # a stem, then blocks and downsampling layers in turn
         blocks = [block for i, stage in enumerate(model.features) for block in (stage if i % 2 else [stage])]
         return _backbone(blocks, model.avgpool, model.classifier)

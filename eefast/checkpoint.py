@@ -158,6 +158,9 @@ def model_from_checkpoint(payload: dict):
     arguments are checked (types, ranges, size) before anything is allocated."""
     check_payload(payload)
     name, kwargs = payload["model_name"], dict(payload["model_kwargs"])
+    if "weights" in kwargs:  # a file's own state is the model: it never names files to read or fetch
+        raise CheckpointError(f"checkpoint's model {name!r}: expected no 'weights' among its arguments (its "
+                              f"model_state holds them), got weights={kwargs['weights']!r}")
     if isinstance(kwargs.get("input_shape"), list):
         kwargs["input_shape"] = tuple(kwargs["input_shape"])
     try:

@@ -262,6 +262,9 @@ def check_config(config: TrainConfig) -> None:
     extra = {"num_exits": config.exits, "distribution": config.distribution, "exit_type": config.exit_type,
              "filters": config.filters, **config.extra}
     check_model_args(config.model, {k: v for k, v in extra.items() if v is not None})
+    if "weights" in config.extra:
+        raise ValueError(f"expected --weights (TrainConfig.weights), not weights in the model's extra arguments (they "
+                         f"are stored in checkpoints), got extra weights={config.extra['weights']!r}")
     if config.weights is not None and not is_external(config.model):
         raise ValueError(f"--weights: expected a torchvision:NAME or timm:NAME network (--backbone), got --model "
                          f"{config.model} (its checkpoints carry its weights: eefast eval / --resume read them)")

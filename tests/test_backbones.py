@@ -81,6 +81,9 @@ def test_every_family_cuts_into_an_eenet(family):
     lone = (nn.BatchNorm2d, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU)
     if family != "sequential":
         assert not any(isinstance(block, lone) for stage in model.stages for block in stage), model.stages
+    # the classifier holds no batch norm: a frozen backbone (--freeze-backbone) keeps every statistic
+    if not family.startswith("timm-"):  # (timm's: what its forward_head runs)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.classifier.modules())
     # the cut is the network: its FLOPs (the exits' heads aside) and its logits
     assert model.profile.total == count_flops(backbone, INPUT)
     assert model.flops[-1] == model.profile.total + sum(model.head_flops)

@@ -100,12 +100,87 @@ def test_named_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items() if not k.startswith("exits."))
 
 
-def test_named_timm_weights_offline_say_so(monkeypatch):
+def test_named_timm_weights_offline_say_so(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)  # (read at import from the environment)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(OSError, match=r"timm could not load the pretrained weights of resnet18 \(.*give a local file"):
         eefast.create_model("timm:resnet18", weights="pretrained", **MNIST)
+
+
+def test_weights_keep_module_versions_and_may_lack_batch_counts(tmp_path):
+    """MNASNet's loading reads the version its state dict records; num_batches_tracked may be absent
+    (older files), as torch's own loading allows. Both were refused before."""
+    path = tmp_path / "mnasnet.pth"
+    torch.save(network_state("mnasnet0_5", num_classes=10), path)
+    model = eefast.create_model("torchvision:mnasnet0_5", weights=path, num_exits=1, num_classes=10,
+                                input_shape=(3, 32, 32))
+    assert torch.equal(model.stages[0][0][0].weight, torch.load(path)["layers.0.weight"])
+    state = {k: v for k, v in network_state("resnet18", num_classes=10).items() if "num_batches_tracked" not in k}
+    torch.save(state, path)
+    model = eefast.create_model("torchvision:resnet18", weights=str(path), num_exits=1, num_classes=10,
+                                input_shape=(3, 32, 32))
+    assert torch.equal(model.classifier[-1].weight, state["fc.weight"])
+
+
+def test_a_timm_classifier_of_another_shape_starts_random_with_a_warning():
+    timm = pytest.importorskip("timm")
+    from eefast.models.external import load_weights
+
+    torch.manual_seed(0)
+    state = timm.create_model("dla46_c", num_classes=1000).state_dict()  # its classifier: a 1x1 convolution
+    network = timm.create_model("dla46_c", num_classes=10)
+    with pytest.warns(UserWarning, match=r"the classifier 'fc' starts random \(fc.bias \[10\], fc.weight \[10, 256"):
+        load_weights(network, state)
+    assert all(torch.equal(v, state[k]) for k, v in network.state_dict().items() if not k.startswith("fc."))
+
+
+def test_weights_that_are_not_there_or_not_a_run_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--weights runs/w.pth: expected a weights file there, found none"):
+        eefast.create_model("timm:resnet18", weights="runs/w.pth", **MNIST)
+    assert eefast.create_model("torchvision:resnet18", weights=None, num_exits=1, **MNIST).num_exits == 2
+    payload = {"model_name": "torchvision:resnet18", "model_kwargs": {"weights": "DEFAULT", **MNIST},
+               "model_state": {}}
+    with pytest.raises(ValueError, match="expected no 'weights' among its arguments"):
+        model_from_checkpoint(payload)
+    with pytest.raises(ValueError, match="expected --weights"):
+        Trainer(TrainConfig(model="torchvision:resnet18", extra={"weights": "DEFAULT"}, out=str(tmp_path)))
+
+
+def test_resume_of_a_frozen_backbone_run_needs_no_weights_file(tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(network_state(num_classes=10), weights)
+    config = dict(model="torchvision:mobilenet_v3_small", weights=str(weights), schedule="frozen-backbone",
+                  epochs=1, batch_size=256, quiet=True, plots=False, out=str(tmp_path / "run"))
+    first = Trainer(TrainConfig(**config))
+    first.splits.train = torch.utils.data.Subset(first.splits.train, range(256))
+    summary = first.run()
+    weights.unlink()  # the checkpoint holds the model: the file is not read again
+    resumed = Trainer(TrainConfig(**config, resume=True))
+    assert resumed.start_epoch == 1 and resumed.run()["weights_sha256"] == summary["weights_sha256"]
+
+
+def test_an_exported_timm_model_deploys_with_predicts_exits(tmp_path):
+    from eefast.export import export_onnx
+
+    sys = pytest.importorskip("sys")
+    pytest.importorskip("onnxruntime")
+    model = eefast.create_model("timm:resnet18", num_exits=2, **MNIST).eval()
+    x = torch.randn(12, 1, 28, 28)
+    model.threshold = model.thresholds_for_fractions(x, [0.5, 0.25])
+    export_onnx(model, tmp_path / "onnx")
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path / "onnx"))
+        patch.delitem(sys.modules, "deploy", raising=False)
+        import deploy
+
+        served = deploy.ExportedEENet(tmp_path / "onnx").predict(x.numpy())
+        patch.delitem(sys.modules, "deploy")
+    want = model.predict(x)
+    assert served.exit.tolist() == want.exit.tolist() and len(set(served.exit.tolist())) == 3
+    assert torch.allclose(torch.from_numpy(served.logits), want.logits, rtol=0, atol=1e-4)
 
 
 def test_checkpoints_rebuild_external_models(tmp_path):

@@ -12,6 +12,9 @@ they were trained.
 from __future__ import annotations
 
 import difflib
+import os
+import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -70,10 +73,18 @@ def _stem_channels(network: nn.Module) -> int | None:
     return None if conv is None else conv.in_channels
 
 
-def build_network(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
+def _looks_like_a_path(weights: str) -> bool:
+    return os.sep in weights or "/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def build_network(name: str, num_classes: int, weights: str | os.PathLike | None = None) -> nn.Module:
     """The library's network with ``num_classes`` outputs: random weights, or ``weights``."""
     check_external_name(name)
     source, _, network_name = name.partition(":")
+    if weights is not None:
+        weights = os.fspath(weights)
+        if not Path(weights).is_file() and _looks_like_a_path(weights):
+            raise FileNotFoundError(f"--weights {weights}: expected a weights file there, found none")
     if source == "timm":
         import timm
 
@@ -114,7 +125,11 @@ def _weights_state(name: str, weights: str) -> Mapping[str, Tensor]:
         if not (isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values())):
             raise ValueError(f"--weights {weights}: expected a state dict of tensors (or a checkpoint holding one "
                              f"under 'state_dict' or 'model'), got {type(state).__name__}")
-        return {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's names
+        unwrapped = OrderedDict((k.removeprefix("module."), v) for k, v in state.items())  # DDP's names
+        metadata = getattr(state, "_metadata", None)  # modules' versions (MNASNet's loading reads its own)
+        if metadata is not None:
+            unwrapped._metadata = OrderedDict((k.removeprefix("module."), v) for k, v in metadata.items())
+        return unwrapped
     import torchvision
 
     network = name.partition(":")[2]
@@ -123,34 +138,52 @@ def _weights_state(name: str, weights: str) -> Mapping[str, Tensor]:
         raise ValueError(f"--weights {weights}: expected a file, or one of torchvision's weights for {network} "
                          f"{['DEFAULT', *choices]}")
     entry = torchvision.models.get_model_weights(network)[weights]
-    try:
-        return entry.get_state_dict(progress=False)
+    try:  # torchvision's builder loads them (its renames of old keys, its hash check), then we take its state
+        return torchvision.models.get_model(network, weights=entry, progress=False).state_dict()
     except OSError as error:  # (URLError is one)
         raise OSError(f"--weights {weights}: could not download {entry.url} ({error}); this machine may have no "
                       "internet: give a local file instead") from error
 
 
+def classifier_layer(network: nn.Module) -> str | None:
+    """The name of the network's last classification layer: timm's ``get_classifier()`` (a linear
+    layer or a 1x1 convolution), else the last nn.Linear."""
+    if hasattr(network, "get_classifier"):
+        layer = network.get_classifier()
+        return next((name for name, m in network.named_modules() if m is layer and name), None)
+    return ([name for name, m in network.named_modules() if isinstance(m, nn.Linear)] or [None])[-1]
+
+
 def load_weights(network: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Loads ``state`` into ``network``. Only the last linear layer may differ in shape (or be
-    absent): it is the classifier of another number of classes, and keeps its random weights."""
+    """Loads ``state`` into ``network``. Only the classification layer (``classifier_layer``) may
+    differ in shape or be absent: a classifier of another number of classes keeps its random
+    weights (with a warning). Batch norm's ``num_batches_tracked`` may be absent, as torch allows."""
     own = network.state_dict()
-    last = [name for name, m in network.named_modules() if isinstance(m, nn.Linear)][-1:]
-    classifier = {f"{last[0]}.{p}" for p in ("weight", "bias")} if last else set()
+    last = classifier_layer(network)
+    classifier = {k for k in own if last is not None and k.rpartition(".")[0] == last}
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state) - classifier)
+    missing = sorted(k for k in set(own) - set(state) - classifier if not k.endswith(".num_batches_tracked"))
     reshaped = sorted(k for k in set(own) & set(state) - classifier if own[k].shape != state[k].shape)
     if unexpected or missing or reshaped:
         problems = [f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for what, keys in (
             ("unexpected", unexpected), ("missing", missing), ("of another shape", reshaped)) if keys]
-        raise ValueError(f"--weights: expected the state dict of a {type(network).__name__} (its last linear layer may "
-                         f"differ), got one with {len(unexpected)} unexpected, {len(missing)} missing and "
+        raise ValueError(f"--weights: expected the state dict of a {type(network).__name__} (its classifier {last!r} "
+                         f"may differ), got one with {len(unexpected)} unexpected, {len(missing)} missing and "
                          f"{len(reshaped)} reshaped tensors: {'; '.join(problems)}")
-    fits = {k: v for k, v in state.items() if k not in classifier or own[k].shape == v.shape}
+    fresh = sorted(k for k in classifier if k not in state or own[k].shape != state[k].shape)
+    if fresh:
+        shapes = ", ".join(f"{k} {list(own[k].shape)}" for k in fresh)
+        given = {k: list(state[k].shape) for k in fresh if k in state}
+        warnings.warn(f"--weights: the classifier {last!r} starts random ({shapes}; the weights' {given or 'none'})",
+                      stacklevel=3)
+    fits = OrderedDict((k, v) for k, v in state.items() if k not in fresh)
+    metadata = getattr(state, "_metadata", None)
+    fits._metadata = metadata if metadata is not None else own._metadata  # (versions: MNASNet's loading reads its own)
     network.load_state_dict(fits, strict=False)
 
 
 def external_eenet(name: str, *, num_classes: int = 10, input_shape=(3, 224, 224), num_exits: int = 3,
-                   weights: str | None = None, **kwargs) -> EENet:
+                   weights: str | os.PathLike | None = None, **kwargs) -> EENet:
     """The EENet over network ``name`` (``torchvision:NAME`` / ``timm:NAME``). ``kwargs`` go to
     ``EENet`` (distribution, exit_type, exit_positions, threshold, policy)."""
     network = build_network(name, num_classes, weights)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -60,6 +61,11 @@ def _text(name: str, value) -> None:
         raise ValueError(f"create_model: expected {name} a string, got {value!r}")
 
 
+def _weights(name: str, value) -> None:
+    if not (value is None or isinstance(value, (str, os.PathLike))):
+        raise ValueError(f"create_model: expected {name} a file path or a named weight (a string), got {value!r}")
+
+
 def _thresholds(name: str, value) -> None:
     values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
     if len(values) > MAX_EXITS or not all(
@@ -89,7 +95,7 @@ MODEL_ARGS: dict[str, Callable[[str, object], None]] = {
     "threshold": _thresholds,
     "exit_positions": _positions,
     "policy": _text,
-    "weights": _text,
+    "weights": _weights,
 }
 COMMON_ARGS = ("num_classes", "input_shape", "num_exits", "distribution", "exit_type", "threshold", "exit_positions",
                "policy")
