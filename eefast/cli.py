@@ -371,9 +371,13 @@ def export_command(args: argparse.Namespace) -> int:
     from eefast.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, format=args.format)
-    manifest = json.loads((out / "manifest.json").read_text())
-    print(f"wrote {out}: {len(manifest['segments'])} segment programs, manifest.json and deploy.py (run them with "
-          f"numpy and onnxruntime alone: deploy.ExportedEENet({str(out)!r}).predict(x))")
+    segments = len(json.loads((out / "manifest.json").read_text())["segments"])
+    if args.format == "onnx":
+        print(f"wrote {out}: {segments} ONNX programs, manifest.json and deploy.py (run them with numpy and "
+              f"onnxruntime alone: deploy.ExportedEENet({str(out)!r}).predict(x))")
+    else:
+        print(f"wrote {out}: {segments} torch.export programs and manifest.json "
+              f"(eefast.export.ExportedProgramEENet({str(out)!r}).predict(x) runs them)")
     return 0
 
 
@@ -486,8 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser = commands.add_parser(
         "export", help="a checkpoint as one ONNX program per segment, a manifest and the deploy runtime")
     export_parser.add_argument("--checkpoint", required=True)
-    export_parser.add_argument("--format", default="onnx", choices=["onnx"])
-    export_parser.add_argument("--out", required=True, help="directory for segment_N.onnx, manifest.json, deploy.py")
+    export_parser.add_argument("--format", default="onnx", choices=["onnx", "torch.export"],
+                               help="onnx (for ONNX Runtime, with deploy.py) or torch.export (.pt2, for AOTInductor)")
+    export_parser.add_argument("--out", required=True, help="directory for the segment programs and manifest.json")
     export_parser.set_defaults(run=export_command)
 
     profile_parser = commands.add_parser("profile", help="per-exit FLOPs, costs and parameters of a model")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import onnxruntime as ort
 
 FORMAT_VERSION = 1  # the manifest version this file reads
 MANIFEST = "manifest.json"
@@ -41,15 +40,20 @@ class ExportedEENet:
     segment (``providers``: the CPU by default; ``session_options`` go to every session).
     ``thresholds`` ([E-1] float32, the manifest's) may be replaced to trade accuracy for cost."""
 
+    FORMAT = "onnx"  # the manifest's format this class runs
+
     def __init__(self, directory: str | Path, providers=None, session_options=None):
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"deploy: expected an eefast export in {str(directory)!r}, found no {MANIFEST}")
         manifest = json.loads(path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION or manifest.get("dtype") != "float32":
-            raise ValueError(f"deploy: expected a manifest of format {FORMAT_VERSION} for float32 programs, got format "
-                             f"{manifest.get('format_version')!r} and dtype {manifest.get('dtype')!r} in {str(path)!r}")
+        given = (manifest.get("format_version"), manifest.get("format", "onnx"), manifest.get("dtype"))
+        if given != (FORMAT_VERSION, self.FORMAT, "float32"):
+            raise ValueError(f"deploy: expected a manifest of version {FORMAT_VERSION} for float32 {self.FORMAT} "
+                             f"programs, got version {given[0]!r}, format {given[1]!r} and dtype {given[2]!r} in "
+                             f"{str(path)!r}" + (" (eefast.export.ExportedProgramEENet runs those)"
+                                                 if given[1] == "torch.export" else ""))
         self.manifest = manifest
         self.input_shape = tuple(manifest["input_shape"])  # (C, H, W)
         self.num_classes = int(manifest["num_classes"])
@@ -60,15 +64,20 @@ class ExportedEENet:
         if not (len(segments) == self.costs.size == self.num_exits == self.thresholds.size + 1):
             raise ValueError(f"deploy: expected {self.num_exits} segments, costs and {self.num_exits - 1} thresholds "
                              f"in {str(path)!r}, got {len(segments)}, {self.costs.size} and {self.thresholds.size}")
+        self.sessions = [self._load(directory / segment["file"], segment, providers, session_options)
+                         for segment in segments]
+
+    def _load(self, path: Path, segment: dict, providers, session_options):
+        """One segment's ONNX Runtime session (on the CPU unless ``providers`` say otherwise)."""
+        import onnxruntime as ort
+
         providers = ["CPUExecutionProvider"] if providers is None else list(providers)
-        self.sessions = []
-        for n, segment in enumerate(segments):
-            session = ort.InferenceSession(str(directory / segment["file"]), session_options, providers=providers)
-            names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-            if names != (segment["inputs"], segment["outputs"]):
-                raise ValueError(f"deploy: segment {n} ({segment['file']}): expected inputs {segment['inputs']} and "
-                                 f"outputs {segment['outputs']} (the manifest), the program has {names[0]} and {names[1]}")
-            self.sessions.append(session)
+        session = ort.InferenceSession(str(path), session_options, providers=providers)
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if names != (segment["inputs"], segment["outputs"]):
+            raise ValueError(f"deploy: {segment['file']}: expected inputs {segment['inputs']} and outputs "
+                             f"{segment['outputs']} (the manifest), the program has {names[0]} and {names[1]}")
+        return session
 
     def check_input(self, x) -> np.ndarray:
         """``x`` as a C-contiguous array, or ValueError / TypeError naming the expected input."""

@@ -142,6 +142,19 @@ def test_predict_matches_eenet_predict(case):
     assert [s["file"] for s in manifest["segments"]] == [f"segment_{n}.onnx" for n in range(model.num_exits)]
 
 
+def test_torch_export_programs_give_predicts_exits(case, tmp_path):
+    """The second format: torch.export programs (.pt2) with the same manifest, run by the same loop."""
+    from eefast.export import ExportedProgramEENet, export_programs
+
+    model, x, out, _ = case
+    programs = ExportedProgramEENet(export_programs(model, tmp_path / "pt2"))
+    assert programs.manifest["format"] == "torch.export" and not (tmp_path / "pt2" / "deploy.py").exists()
+    for rows in (x, x[:1], x[:0]):
+        _assert_same_prediction(programs.predict(rows.numpy()), model.predict(rows))
+    with pytest.raises(ValueError, match="format 'torch.export'.*eefast.export.ExportedProgramEENet runs those"):
+        deploy.ExportedEENet(tmp_path / "pt2")
+
+
 def test_each_segment_matches_eenet_segment(case):
     model, x, _, exported = case
     h = x
@@ -235,7 +248,7 @@ def test_deploy_input_errors(exports):
 
 def test_export_errors(exports, tmp_path):
     model, _, out, _ = exports("resnet8")
-    with pytest.raises(ValueError, match=r"expected a format in \('onnx',\), got 'tflite'"):
+    with pytest.raises(ValueError, match=r"expected a format in \('onnx', 'torch.export'\), got 'tflite'"):
         export_checkpoint(tmp_path / "model.pt", tmp_path / "out", format="tflite")
     (tmp_path / "file").write_text("")
     for export in (lambda: export_onnx(model, tmp_path / "file"),
